@@ -1,0 +1,25 @@
+"""Sequencer2D ("Sequencer: Deep LSTM for Image Classification", NeurIPS 2022) for Keras 3.
+
+Runs on the TensorFlow, JAX and PyTorch backends; pretrained ImageNet-1k
+weights are converted from the reference timm checkpoints.
+"""
+
+from keras_sequencer import layers
+from keras_sequencer.convert import convert_state_dict
+from keras_sequencer.imagenet import decode_predictions, preprocess_input
+from keras_sequencer.models import Sequencer2D, Sequencer2DL, Sequencer2DM, Sequencer2DS
+from keras_sequencer.pretrained import CHECKPOINTS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CHECKPOINTS",
+    "Sequencer2D",
+    "Sequencer2DL",
+    "Sequencer2DM",
+    "Sequencer2DS",
+    "convert_state_dict",
+    "decode_predictions",
+    "layers",
+    "preprocess_input",
+]

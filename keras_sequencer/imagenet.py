@@ -1,0 +1,67 @@
+"""ImageNet-1k helpers that work offline: preprocessing and label decoding."""
+
+import functools
+import json
+import os
+
+import numpy as np
+
+_CLASS_INDEX = os.path.join(os.path.dirname(__file__), "imagenet_class_index.json")
+
+
+def preprocess_input(x, data_format=None):
+    """A placeholder kept for `keras.applications` compatibility.
+
+    Sequencer2D models built with `include_preprocessing=True` (the default)
+    take RGB images with values in [0, 255] and normalise them inside the
+    model, so this function returns its input unchanged.
+
+    Args:
+        x: images, RGB, values in [0, 255].
+        data_format: ignored; accepted for API compatibility.
+
+    Returns:
+        `x`, unchanged.
+    """
+    return x
+
+
+@functools.cache
+def _class_index() -> dict[int, tuple[str, str]]:
+    # WordNet ids in the standard ImageNet-1k order, each with its first lemma;
+    # generated from timm's data/_info files so no download is ever needed.
+    with open(_CLASS_INDEX) as f:
+        return {int(k): tuple(v) for k, v in json.load(f).items()}
+
+
+def decode_predictions(preds, top: int = 5) -> list[list[tuple[str, str, float]]]:
+    """Decodes ImageNet-1k predictions into `(wordnet_id, name, score)` tuples.
+
+    Works offline: the class index ships with the package.
+
+    Args:
+        preds: array of shape `(batch, 1000)`: probabilities or logits.
+        top: how many of the best classes to return per image.
+
+    Returns:
+        One list per image of `top` tuples `(wordnet_id, class_name, score)`,
+        best first.
+
+    Example:
+    >>> decode_predictions(np.eye(1000)[[1]], top=1)
+    [[('n01443537', 'goldfish', 1.0)]]
+    """
+    preds = np.asarray(preds)
+    if preds.ndim != 2 or preds.shape[1] != 1000:
+        raise ValueError(
+            "`decode_predictions` expects ImageNet predictions of shape (batch, 1000). "
+            f"Received: preds.shape={preds.shape}"
+        )
+    if not isinstance(top, int) or not 1 <= top <= 1000:
+        raise ValueError(f"`top` must be an int in [1, 1000]. Received: top={top!r}")
+    index = _class_index()
+    results = []
+    for row in preds:
+        best = np.argsort(row)[::-1][:top]
+        results.append([(*index[int(i)], float(row[i])) for i in best])
+    return results

@@ -1,0 +1,86 @@
+"""BiLSTM2D: the token mixer of Sequencer2D."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_sequencer")
+class BiLSTM2D(keras.layers.Layer):
+    """Mixes tokens of a 2-D feature map with a vertical and a horizontal BiLSTM.
+
+    Every column of the `(batch, height, width, channels)` input is read as a
+    sequence of length `height` by one bidirectional LSTM (`rnn_v`), every row
+    as a sequence of length `width` by another (`rnn_h`). The two outputs are
+    concatenated channel-wise in the order `[v_fwd, v_bwd, h_fwd, h_bwd]`
+    (`4 * hidden_size` channels) and projected back to `channels` by a Dense
+    layer (`fc`). The two LSTMs share no weights; every sequence starts from a
+    zero state. Any height and width work, square or not.
+
+    Reference: Tatsunami & Taki, "Sequencer: Deep LSTM for Image
+    Classification", NeurIPS 2022 (https://arxiv.org/abs/2205.01972).
+
+    Args:
+        hidden_size: int, units of each directional LSTM.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Example:
+    >>> layer = BiLSTM2D(hidden_size=48)
+    >>> y = layer(keras.ops.ones((2, 8, 12, 192)))
+    >>> tuple(y.shape)
+    (2, 8, 12, 192)
+    """
+
+    def __init__(self, hidden_size: int, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(
+                "`hidden_size` must be a positive int, the units of each "
+                f"directional LSTM. Received: hidden_size={hidden_size}"
+            )
+        self.hidden_size = hidden_size
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+        self.rnn_v = self._bidirectional_lstm("rnn_v")
+        self.rnn_h = self._bidirectional_lstm("rnn_h")
+        self.fc = None  # its width is the input's channel count, known in build()
+
+    def _bidirectional_lstm(self, name):
+        # Explicit names keep variable paths stable ("rnn_v/forward_lstm/..."),
+        # whatever else the process has built; the converter relies on them.
+        lstm = keras.layers.LSTM(self.hidden_size, return_sequences=True, name="lstm", dtype=self.dtype_policy)
+        return keras.layers.Bidirectional(lstm, merge_mode="concat", name=name, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"BiLSTM2D needs a known channel count (last axis). Received: input_shape={input_shape}")
+        sequence_shape = (None, None, channels)
+        self.rnn_v.build(sequence_shape)
+        self.rnn_h.build(sequence_shape)
+        self.fc = keras.layers.Dense(channels, name="fc", dtype=self.dtype_policy)
+        self.fc.build((None, None, None, 4 * self.hidden_size))
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
+
+    def call(self, inputs):
+        return self.fc(self._mix(inputs))
+
+    def _mix(self, x):
+        """The two BiLSTM scans, concatenated as [v_fwd, v_bwd, h_fwd, h_bwd]."""
+        batch, height, width = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
+        channels = x.shape[-1]
+        units = 2 * self.hidden_size
+        # Vertical: one sequence of length `height` per column.
+        columns = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, height, channels))
+        v = ops.reshape(self.rnn_v(columns), (batch, width, height, units))
+        v = ops.transpose(v, (0, 2, 1, 3))
+        # Horizontal: one sequence of length `width` per row.
+        rows = ops.reshape(x, (-1, width, channels))
+        h = ops.reshape(self.rnn_h(rows), (batch, height, width, units))
+        return ops.concatenate([v, h], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"hidden_size": self.hidden_size})
+        return config

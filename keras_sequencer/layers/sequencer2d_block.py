@@ -1,0 +1,90 @@
+"""Sequencer2DBlock: BiLSTM2D token mixing plus an MLP, both residual."""
+
+import keras
+from keras import ops
+
+from keras_sequencer.layers.bilstm2d import BiLSTM2D
+from keras_sequencer.layers.stochastic_depth import StochasticDepth
+
+
+@keras.saving.register_keras_serializable(package="keras_sequencer")
+class Sequencer2DBlock(keras.layers.Layer):
+    """One Sequencer2D block on a channels-last feature map.
+
+    Pre-norm with two residual branches:
+    `x + drop_path(BiLSTM2D(LN(x)))`, then `x + drop_path(MLP(LN(x)))`, where
+    the MLP is Dense(`mlp_ratio * channels`) -> exact (erf) GELU -> Dense.
+    The output has the input's shape.
+
+    Reference: Tatsunami & Taki, "Sequencer: Deep LSTM for Image
+    Classification", NeurIPS 2022 (https://arxiv.org/abs/2205.01972).
+
+    Args:
+        hidden_size: int, units of each directional LSTM of the token mixer.
+        mlp_ratio: float, hidden width of the MLP as a multiple of channels.
+        drop_path_rate: float in `[0, 1)`, stochastic-depth rate of both
+            residual branches.
+        layer_norm_epsilon: float, epsilon of both LayerNorms.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Example:
+    >>> block = Sequencer2DBlock(hidden_size=48)
+    >>> y = block(keras.ops.ones((1, 8, 8, 192)))
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        mlp_ratio: float = 3.0,
+        drop_path_rate: float = 0.0,
+        layer_norm_epsilon: float = 1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if mlp_ratio <= 0:
+            raise ValueError(f"`mlp_ratio` must be positive. Received: mlp_ratio={mlp_ratio}")
+        self.hidden_size = hidden_size
+        self.mlp_ratio = float(mlp_ratio)
+        self.drop_path_rate = float(drop_path_rate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+        dtype = self.dtype_policy
+        self.norm1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm1", dtype=dtype)
+        self.rnn_tokens = BiLSTM2D(hidden_size, name="rnn_tokens", dtype=dtype)
+        self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm2", dtype=dtype)
+        self.drop_path = StochasticDepth(drop_path_rate, name="drop_path", dtype=dtype)
+        self.fc1 = None  # widths depend on the channel count, known in build()
+        self.fc2 = None
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        dtype = self.dtype_policy
+        self.norm1.build(input_shape)
+        self.rnn_tokens.build(input_shape)
+        self.norm2.build(input_shape)
+        self.fc1 = keras.layers.Dense(int(channels * self.mlp_ratio), name="fc1", dtype=dtype)
+        self.fc1.build(input_shape)
+        self.fc2 = keras.layers.Dense(channels, name="fc2", dtype=dtype)
+        self.fc2.build(input_shape[:-1] + (self.fc1.units,))
+
+    def call(self, inputs, training=None):
+        x = inputs
+        x = x + self.drop_path(self.rnn_tokens(self.norm1(x)), training=training)
+        mlp = self.fc2(ops.gelu(self.fc1(self.norm2(x)), approximate=False))
+        return x + self.drop_path(mlp, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_size": self.hidden_size,
+                "mlp_ratio": self.mlp_ratio,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config

@@ -1,0 +1,327 @@
+"""The Sequencer2D builder and the S/M/L variants."""
+
+import keras
+
+from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock
+from keras_sequencer.models.presets import variant_config
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_REFERENCE = (
+    "Reference: Tatsunami & Taki, 'Sequencer: Deep LSTM for Image "
+    "Classification', NeurIPS 2022 (https://arxiv.org/abs/2205.01972)."
+)
+
+
+def _validate(
+    *,
+    layers,
+    patch_sizes,
+    embed_dims,
+    hidden_sizes,
+    mlp_ratios,
+    include_top,
+    weights,
+    input_shape,
+    pooling,
+    classes,
+    classifier_activation,
+    variant,
+):
+    """Checks every argument before a weight is built or a file is fetched."""
+    arch = {
+        "layers": layers,
+        "patch_sizes": patch_sizes,
+        "embed_dims": embed_dims,
+        "hidden_sizes": hidden_sizes,
+        "mlp_ratios": mlp_ratios,
+    }
+    for arg, value in arch.items():
+        if not isinstance(value, (list, tuple)) or len(value) == 0:
+            raise ValueError(f"`{arg}` must be a non-empty list, one entry per stage. Received: {arg}={value!r}")
+    lengths = {arg: len(value) for arg, value in arch.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(
+            "`layers`, `patch_sizes`, `embed_dims`, `hidden_sizes` and `mlp_ratios` must all have "
+            "one entry per stage. Received: " + ", ".join(f"{k}={v!r}" for k, v in arch.items())
+        )
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"`pooling` must be one of None, 'avg' or 'max'. Received: pooling={pooling!r}")
+    if not isinstance(classes, int) or classes <= 0:
+        raise ValueError(f"`classes` must be a positive int. Received: classes={classes!r}")
+
+    if weights == "imagenet":
+        if variant is None:
+            raise ValueError(
+                "`weights='imagenet'` needs a named variant: use Sequencer2DS, Sequencer2DM "
+                "or Sequencer2DL, or pass a checkpoint path. Received: weights='imagenet'"
+            )
+        if include_top and classes != 1000:
+            raise ValueError(
+                "With `weights='imagenet'` and `include_top=True`, `classes` must be 1000 "
+                "(the ImageNet head). For another number of classes, pass include_top=False "
+                f"and add your own head. Received: classes={classes}"
+            )
+        if include_top and classifier_activation not in (None, "softmax"):
+            raise ValueError(
+                "With `weights='imagenet'` and `include_top=True`, `classifier_activation` "
+                f"must be None or 'softmax'. Received: classifier_activation={classifier_activation!r}"
+            )
+    elif weights is not None:
+        from keras_sequencer.pretrained import check_weights_path
+
+        check_weights_path(weights)
+
+    if input_shape is not None:
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(
+                "`input_shape` must be (height, width, channels), channels last; use None "
+                f"for a size that may vary. Received: input_shape={input_shape}"
+            )
+        if weights == "imagenet" and input_shape[-1] != 3:
+            raise ValueError(
+                f"With `weights='imagenet'` the input must have 3 (RGB) channels. Received: input_shape={input_shape}"
+            )
+        min_side = 1
+        for p in patch_sizes:
+            min_side *= p
+        for side in input_shape[:2]:
+            if side is not None and side < min_side:
+                raise ValueError(
+                    f"Images must be at least {min_side}x{min_side} pixels (the product of "
+                    f"`patch_sizes`). Received: input_shape={input_shape}"
+                )
+    if classifier_activation is not None:
+        keras.activations.get(classifier_activation)  # raises on an unknown name
+
+
+def Sequencer2D(
+    layers,
+    patch_sizes,
+    embed_dims,
+    hidden_sizes,
+    mlp_ratios=None,
+    include_top: bool = True,
+    weights: str | None = None,
+    input_tensor=None,
+    input_shape=None,
+    pooling: str | None = None,
+    classes: int = 1000,
+    classifier_activation="softmax",
+    include_preprocessing: bool = True,
+    drop_path_rate: float = 0.0,
+    layer_norm_epsilon: float = 1e-6,
+    name: str = "sequencer2d",
+    variant: str | None = None,
+) -> keras.Model:
+    """Builds a Sequencer2D image classifier (or feature extractor).
+
+    The image goes through a patch-embedding stem, then stages of
+    `Sequencer2DBlock`s (BiLSTM2D token mixing + MLP), each stage after the
+    first opening with a patch-merging projection; a final LayerNorm, global
+    pooling and a Dense head follow. Every weight is independent of the image
+    size, so the model runs at any resolution, square or not.
+
+    Args:
+        layers: blocks per stage, e.g. `(4, 3, 8, 3)`.
+        patch_sizes: patch side of the stem and of each stage's downsampling.
+        embed_dims: channels of each stage.
+        hidden_sizes: LSTM units (per direction) of each stage.
+        mlp_ratios: MLP width multiple of each stage; default 3 everywhere.
+        include_top: whether to add the pooling and classification head.
+        weights: None (random init), `"imagenet"` (variants only), or a path
+            to a Keras `.weights.h5` file or a timm / authors' checkpoint
+            (`.safetensors`; `.pth`/`.bin` when torch is installed).
+        input_tensor: optional Keras tensor to use as the model input.
+        input_shape: `(height, width, 3)`; the default `(None, None, 3)`
+            accepts any size of at least the product of `patch_sizes` (14).
+        pooling: with `include_top=False`, None returns the normalised feature
+            map `(batch, H/14, W/14, channels)`; "avg" or "max" pool it.
+        classes: number of classes of the head.
+        classifier_activation: activation of the head; None for logits.
+        include_preprocessing: if True the model takes RGB in [0, 255] and
+            normalises with the ImageNet mean and std itself; if False it
+            expects already normalised input.
+        drop_path_rate: stochastic-depth rate of the last block, ramped
+            linearly from 0 at the first block (the authors' schedule).
+        layer_norm_epsilon: epsilon of every LayerNorm.
+        name: model name.
+        variant: name of the preset this config is ("s", "m", "l"), used to
+            find its pretrained weights.
+
+    Returns:
+        A `keras.Model`.
+
+    Example:
+    >>> model = Sequencer2D(
+    ...     layers=(2, 2), patch_sizes=(4, 2), embed_dims=(32, 64),
+    ...     hidden_sizes=(8, 16), input_shape=(28, 28, 1), classes=10,
+    ...     include_preprocessing=False)
+    >>> model.predict(np.zeros((1, 28, 28, 1)), verbose=0).shape
+    (1, 10)
+    """
+    num_stages = len(layers) if isinstance(layers, (list, tuple)) else 0
+    if mlp_ratios is None:
+        mlp_ratios = (3.0,) * num_stages
+    _validate(
+        layers=layers,
+        patch_sizes=patch_sizes,
+        embed_dims=embed_dims,
+        hidden_sizes=hidden_sizes,
+        mlp_ratios=mlp_ratios,
+        include_top=include_top,
+        weights=weights,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        variant=variant,
+    )
+
+    # === Input ===
+    if input_shape is None:
+        input_shape = (None, None, 3)
+    if input_tensor is None:
+        inputs = keras.Input(shape=input_shape, name="images")
+    elif keras.backend.is_keras_tensor(input_tensor):
+        inputs = input_tensor
+    else:
+        inputs = keras.Input(tensor=input_tensor, shape=input_shape, name="images")
+
+    # === Layers ===
+    x = inputs
+    if include_preprocessing:
+        channels = x.shape[-1]
+        if channels != 3:
+            raise ValueError(
+                "`include_preprocessing=True` normalises RGB images and needs 3 channels; "
+                f"pass include_preprocessing=False for other inputs. Received: input_shape={tuple(x.shape[1:])}"
+            )
+        x = keras.layers.Normalization(
+            mean=[255.0 * m for m in IMAGENET_MEAN],
+            variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
+            name="preprocessing",
+        )(x)
+
+    total_blocks = sum(layers)
+    block_index = 0
+    for stage, depth in enumerate(layers):
+        x = PatchEmbed(
+            embed_dims[stage], patch_sizes[stage], name="stem" if stage == 0 else f"stage{stage}_downsample"
+        )(x)
+        for block in range(depth):
+            # The authors' linear ramp; timm uses one rate for all blocks.
+            rate = drop_path_rate * block_index / max(total_blocks - 1, 1)
+            x = Sequencer2DBlock(
+                hidden_sizes[stage],
+                mlp_ratio=mlp_ratios[stage],
+                drop_path_rate=rate,
+                layer_norm_epsilon=layer_norm_epsilon,
+                name=f"stage{stage}_block{block}",
+            )(x)
+            block_index += 1
+    x = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm")(x)
+
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.Dense(classes, activation=classifier_activation, name="predictions")(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+
+    # === Functional Model ===
+    model_inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else inputs
+    model = keras.Model(model_inputs, x, name=name)
+
+    # === Weights ===
+    if weights is not None:
+        from keras_sequencer.pretrained import load_weights
+
+        load_weights(
+            model,
+            weights,
+            config={
+                "layers": tuple(layers),
+                "patch_sizes": tuple(patch_sizes),
+                "embed_dims": tuple(embed_dims),
+                "hidden_sizes": tuple(hidden_sizes),
+            },
+            variant=variant,
+            include_top=include_top,
+        )
+    return model
+
+
+def _variant_builder(variant: str, display: str):
+    config = variant_config(variant)
+
+    def builder(
+        include_top: bool = True,
+        weights: str | None = "imagenet",
+        input_tensor=None,
+        input_shape=None,
+        pooling: str | None = None,
+        classes: int = 1000,
+        classifier_activation="softmax",
+        include_preprocessing: bool = True,
+        drop_path_rate: float = 0.0,
+        name: str = f"sequencer2d_{variant}",
+    ) -> keras.Model:
+        return Sequencer2D(
+            **config,
+            include_top=include_top,
+            weights=weights,
+            input_tensor=input_tensor,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            include_preprocessing=include_preprocessing,
+            drop_path_rate=drop_path_rate,
+            name=name,
+            variant=variant,
+        )
+
+    builder.__name__ = builder.__qualname__ = display
+    builder.__doc__ = f"""Instantiates {display} ({sum(config["layers"])} blocks, layers={config["layers"]}).
+
+    The `keras.applications` signature; see `Sequencer2D` for the details.
+    With `weights="imagenet"` the ImageNet-1k checkpoint published with the
+    paper (timm `sequencer2d_{variant}.in1k`) is downloaded once, verified,
+    converted and cached. The model takes RGB images in [0, 255] at any size
+    of at least 14x14 (trained at 224x224).
+
+    {_REFERENCE}
+
+    Args:
+        include_top: whether to include the pooling and the 1000-class head.
+        weights: "imagenet", None (random init), or a path to a `.weights.h5`
+            file or a timm / authors' checkpoint.
+        input_tensor: optional Keras tensor to use as the model input.
+        input_shape: optional `(height, width, 3)`; default `(None, None, 3)`.
+        pooling: None, "avg" or "max"; used when `include_top=False`.
+        classes: number of classes; must be 1000 with ImageNet weights and
+            a top.
+        classifier_activation: "softmax" or None (logits) with ImageNet
+            weights; any activation otherwise.
+        include_preprocessing: normalise [0, 255] RGB inside the model.
+        drop_path_rate: stochastic depth of the last block (for training).
+        name: model name.
+
+    Returns:
+        A `keras.Model`.
+
+    Example:
+    >>> model = keras_sequencer.{display}(weights="imagenet")
+    >>> probs = model.predict(images)  # RGB uint8 or float in [0, 255]
+    >>> keras_sequencer.decode_predictions(probs, top=3)
+    """
+    return builder
+
+
+Sequencer2DS = _variant_builder("s", "Sequencer2DS")
+Sequencer2DM = _variant_builder("m", "Sequencer2DM")
+Sequencer2DL = _variant_builder("l", "Sequencer2DL")

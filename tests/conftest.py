@@ -1,0 +1,128 @@
+"""Shared test helpers: the timm reference, layout conversion, subprocess runs.
+
+The suite runs once per backend (`KERAS_BACKEND=tensorflow|jax|torch pytest`);
+timm's PyTorch model is the independent reference everywhere.
+"""
+
+import functools
+import os
+import re
+import subprocess
+import sys
+
+# timm pulls in torchvision, which segfaults when imported after TensorFlow
+# (torchvision 0.29 / TF 2.21); importing it first is safe.
+import timm  # noqa: F401, I001
+
+import keras
+import numpy as np
+import pytest
+
+BACKEND = keras.backend.backend()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small architecture for tests that exercise plumbing rather than the paper's sizes.
+TINY = {
+    "layers": (2, 1, 1),
+    "patch_sizes": (4, 2, 1),
+    "embed_dims": (16, 24, 24),
+    "hidden_sizes": (4, 6, 6),
+    "mlp_ratios": (3.0, 3.0, 3.0),
+}
+
+
+@functools.cache
+def timm_model(variant: str, seed: int = 0, **kwargs):
+    """A timm Sequencer2D with EVERY parameter perturbed, so no swap can hide.
+
+    Random init leaves LayerNorm gammas at 1, betas and several biases at 0 and
+    the head at 0; each tensor gets its own noise so any two tensors differ.
+    """
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(f"sequencer2d_{variant}", pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.2 if ("norm" in name or "bias" in name) else 0.05
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def timm_state_dict(variant: str, **kwargs) -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in timm_model(variant, **kwargs).state_dict().items()}
+
+
+def timm_logits(variant: str, images_nhwc: np.ndarray, **kwargs) -> np.ndarray:
+    """timm's logits for already-normalised NHWC float images."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+        return timm_model(variant, **kwargs)(x).numpy()
+
+
+def authors_layout(state_dict: dict, layers) -> dict:
+    """timm layout -> the authors' GitHub-release layout (inverse of timm's filter).
+
+    Written independently of `keras_sequencer.convert`: blocks move to
+    `blocks.{s}.{j}`, each downsample becomes the last entry of the previous
+    stage's Sequential, and the head loses its `.fc`.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", key):
+            key = f"blocks.{m[1]}.{m[2]}.{m[3]}"
+        elif m := re.match(r"stages\.(\d+)\.downsample\.(.*)", key):
+            stage = int(m[1]) - 1
+            key = f"blocks.{stage}.{layers[stage]}.{m[2]}"
+        elif key.startswith("head.fc."):
+            key = "head." + key[len("head.fc.") :]
+        out[key] = value
+    return out
+
+
+def to_numpy(x) -> np.ndarray:
+    return keras.ops.convert_to_numpy(x)
+
+
+def normalise(images_uint8: np.ndarray) -> np.ndarray:
+    """ImageNet normalisation the way timm's eval transform does it."""
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+def run_python(code: str, backend: str = BACKEND, env: dict | None = None, timeout: int = 600) -> str:
+    """Runs `code` in a fresh interpreter on `backend`; returns stdout, fails on error."""
+    full_env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )
+    if result.returncode != 0:
+        pytest.fail(f"subprocess on {backend} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result.stdout
+
+
+def run_layer_test(layer_cls, init_kwargs: dict, input_shape: tuple, expected_output_shape: tuple, seed: int = 0):
+    """Shared checks for every layer: output shape, symbolic shape, config round trip.
+
+    The rebuilt layer, given the original's weights, must give the same output.
+    """
+    x = np.random.RandomState(seed).randn(*input_shape).astype("float32")
+    layer = layer_cls(**init_kwargs)
+    y = to_numpy(layer(x))
+    assert y.shape == expected_output_shape
+    symbolic = layer.compute_output_shape(input_shape)
+    assert tuple(symbolic) == expected_output_shape
+    config = layer.get_config()
+    for key, value in init_kwargs.items():
+        assert config[key] == value, f"get_config()[{key!r}] = {config[key]!r}, expected {value!r}"
+    clone = layer_cls.from_config(config)
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(to_numpy(clone(x)), y, rtol=0, atol=1e-6)
+    # The registered name lets a .keras file find the class again.
+    assert keras.saving.get_registered_object(keras.saving.get_registered_name(layer_cls)) is layer_cls
+    return layer, x, y
