@@ -256,6 +256,8 @@ def fetch_checkpoint(variant: str) -> str:
     """
     checkpoint = CHECKPOINTS[variant]
     directory = cache_dir()
+    # get_file falls back to /tmp when the cache folder does not exist yet.
+    os.makedirs(directory, exist_ok=True)
     try:
         return keras.utils.get_file(
             checkpoint.filename,

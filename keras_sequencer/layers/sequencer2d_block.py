@@ -66,7 +66,7 @@ class Sequencer2DBlock(keras.layers.Layer):
         self.fc1 = keras.layers.Dense(int(channels * self.mlp_ratio), name="fc1", dtype=dtype)
         self.fc1.build(input_shape)
         self.fc2 = keras.layers.Dense(channels, name="fc2", dtype=dtype)
-        self.fc2.build(input_shape[:-1] + (self.fc1.units,))
+        self.fc2.build(tuple(input_shape[:-1]) + (self.fc1.units,))
 
     def call(self, inputs, training=None):
         x = inputs

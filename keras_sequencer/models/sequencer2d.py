@@ -4,6 +4,7 @@ import keras
 
 from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock
 from keras_sequencer.models.presets import variant_config
+from keras_sequencer.models.sequencer2d_model import Sequencer2DModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,7 +153,7 @@ def Sequencer2D(
             find its pretrained weights.
 
     Returns:
-        A `keras.Model`.
+        A `Sequencer2DModel` (a functional `keras.Model`).
 
     Example:
     >>> model = Sequencer2D(
@@ -234,7 +235,7 @@ def Sequencer2D(
 
     # === Functional Model ===
     model_inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else inputs
-    model = keras.Model(model_inputs, x, name=name)
+    model = Sequencer2DModel(model_inputs, x, name=name)
 
     # === Weights ===
     if weights is not None:
