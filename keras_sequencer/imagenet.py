@@ -65,3 +65,37 @@ def decode_predictions(preds, top: int = 5) -> list[list[tuple[str, str, float]]
         best = np.argsort(row)[::-1][:top]
         results.append([(*index[int(i)], float(row[i])) for i in best])
     return results
+
+
+def load_image(path, size: int = 224, crop_pct: float = 0.875) -> np.ndarray:
+    """Loads an image the way the reference evaluates ImageNet.
+
+    Resizes the short side to `int(size / crop_pct)` (256 for 224) with bicubic
+    interpolation, then takes the central `size x size` crop (timm's eval
+    transform for Sequencer2D). Needs Pillow.
+
+    Args:
+        path: image file.
+        size: side of the output crop.
+        crop_pct: fraction of the resized short side kept by the crop.
+
+    Returns:
+        float32 array `(size, size, 3)`, RGB in [0, 255]: the input a
+        Sequencer2D model with `include_preprocessing=True` expects.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        short = int(size / crop_pct)
+        width, height = image.size
+        # torchvision's Resize(short): the long side is truncated, not rounded.
+        if width <= height:
+            new_size = (short, int(short * height / width))
+        else:
+            new_size = (int(short * width / height), short)
+        image = image.resize(new_size, Image.BICUBIC)
+        width, height = image.size
+        left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+        return np.asarray(image, dtype=np.float32)

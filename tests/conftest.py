@@ -4,15 +4,17 @@ The suite runs once per backend (`KERAS_BACKEND=tensorflow|jax|torch pytest`);
 timm's PyTorch model is the independent reference everywhere.
 """
 
+# isort: off
+# timm pulls in torchvision and triton, whose LLVM crashes the process when it
+# loads after TensorFlow's (torch 2.14 / TF 2.21); loaded first, both work.
+import timm  # noqa: F401
+# isort: on
+
 import functools
 import os
 import re
 import subprocess
 import sys
-
-# timm pulls in torchvision, which segfaults when imported after TensorFlow
-# (torchvision 0.29 / TF 2.21); importing it first is safe.
-import timm  # noqa: F401, I001
 
 import keras
 import numpy as np
@@ -38,7 +40,6 @@ def timm_model(variant: str, seed: int = 0, **kwargs):
     Random init leaves LayerNorm gammas at 1, betas and several biases at 0 and
     the head at 0; each tensor gets its own noise so any two tensors differ.
     """
-    import timm
     import torch
 
     torch.manual_seed(seed)

@@ -1,9 +1,9 @@
 """Each layer on its own: shapes, serialisation, and the math against timm's modules."""
 
+from conftest import run_layer_test, to_numpy
 import keras
 import numpy as np
 import pytest
-from conftest import run_layer_test, to_numpy
 
 from keras_sequencer.layers import BiLSTM2D, PatchEmbed, Sequencer2DBlock, StochasticDepth
 
@@ -25,8 +25,8 @@ def _load_timm_lstm2d(layer: BiLSTM2D, module) -> None:
 
 @pytest.mark.parametrize("height,width", [(5, 5), (3, 7), (9, 2)])
 def test_bilstm2d_matches_timm_lstm2d(height, width):
-    import torch
     from timm.models.sequencer import LSTM2d
+    import torch
 
     torch.manual_seed(height * 10 + width)
     module = LSTM2d(12, 5, bidirectional=True, union="cat", with_fc=True).eval()
@@ -87,8 +87,8 @@ def test_sequencer2d_block_layer_contract_and_gradients():
 
 
 def test_sequencer2d_block_matches_timm_block():
-    import torch
     from timm.models.sequencer import Sequencer2dBlock
+    import torch
 
     torch.manual_seed(3)
     module = Sequencer2dBlock(8, 3, mlp_ratio=3.0).eval()

@@ -1,9 +1,9 @@
 """The builder: resolution independence, heads, pooling, and argument errors."""
 
+from conftest import TINY, to_numpy
 import keras
 import numpy as np
 import pytest
-from conftest import TINY, to_numpy
 
 import keras_sequencer as ks
 from keras_sequencer.layers import Sequencer2DBlock
@@ -13,12 +13,15 @@ def _tiny(**kwargs):
     return ks.Sequencer2D(**TINY, **kwargs)
 
 
-@pytest.mark.parametrize("include_top,pooling,expected", [
-    (True, None, (2, 7)),
-    (False, None, (2, 3, 5, 24)),  # stride 8: 24 x 40 -> 3 x 5
-    (False, "avg", (2, 24)),
-    (False, "max", (2, 24)),
-])
+@pytest.mark.parametrize(
+    "include_top,pooling,expected",
+    [
+        (True, None, (2, 7)),
+        (False, None, (2, 3, 5, 24)),  # stride 8: 24 x 40 -> 3 x 5
+        (False, "avg", (2, 24)),
+        (False, "max", (2, 24)),
+    ],
+)
 def test_any_resolution_with_and_without_top(include_top, pooling, expected):
     model = _tiny(include_top=include_top, pooling=pooling, classes=7, input_shape=(None, None, 3))
     x = np.random.RandomState(0).uniform(0, 255, (2, 24, 40, 3)).astype("float32")
@@ -92,7 +95,10 @@ ERROR_CASES = [
     (dict(weights="/nowhere/model.safetensors"), r"does not exist. Received: weights='/nowhere/model.safetensors'$"),
     (dict(weights="imagenet", classes=10), r"`classes` must be 1000.*Received: classes=10$"),
     (dict(weights="imagenet", classifier_activation="sigmoid"), r"Received: classifier_activation='sigmoid'$"),
-    (dict(weights="imagenet", input_shape=(224, 224, 1)), r"3 \(RGB\) channels. Received: input_shape=\(224, 224, 1\)$"),
+    (
+        dict(weights="imagenet", input_shape=(224, 224, 1)),
+        r"3 \(RGB\) channels. Received: input_shape=\(224, 224, 1\)$",
+    ),
     (dict(weights=None, input_shape=(10, 224, 3)), r"at least 14x14.*Received: input_shape=\(10, 224, 3\)$"),
     (dict(weights=None, pooling="mean"), r"`pooling` must be one of.*Received: pooling='mean'$"),
     (dict(weights=None, input_shape=(224, 224)), r"Received: input_shape=\(224, 224\)$"),
@@ -117,10 +123,13 @@ def test_mismatched_stage_lists():
         ks.Sequencer2D(**{**TINY, "hidden_sizes": (4, 6)})
 
 
-@pytest.mark.parametrize("shape,message", [
-    ((16, 16, 3), r"add a batch axis.*Received: inputs.shape=\(16, 16, 3\)"),
-    ((1, 6, 30, 3), r"at least 8x8 pixels.*Received: inputs.shape=\(1, 6, 30, 3\)"),
-])
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((16, 16, 3), r"add a batch axis.*Received: inputs.shape=\(16, 16, 3\)"),
+        ((1, 6, 30, 3), r"at least 8x8 pixels.*Received: inputs.shape=\(1, 6, 30, 3\)"),
+    ],
+)
 def test_bad_images_at_call_time(shape, message):
     model = _tiny()
     with pytest.raises(ValueError, match=message):

@@ -5,9 +5,9 @@ goes through `keras_sequencer.convert_state_dict` in both published layouts,
 and the logits must agree with timm's on this backend.
 """
 
+from conftest import authors_layout, normalise, timm_logits, timm_state_dict, to_numpy
 import numpy as np
 import pytest
-from conftest import authors_layout, normalise, timm_logits, timm_state_dict, to_numpy
 
 import keras_sequencer as ks
 from keras_sequencer.models import variant_config
@@ -25,9 +25,7 @@ def _check(variant, layout, height, width, include_preprocessing):
     sd = timm_state_dict(variant)
     if layout == "authors":
         sd = authors_layout(sd, variant_config(variant)["layers"])
-    model = BUILDERS[variant](
-        weights=None, classifier_activation=None, include_preprocessing=include_preprocessing
-    )
+    model = BUILDERS[variant](weights=None, classifier_activation=None, include_preprocessing=include_preprocessing)
     assign(model, ks.convert_state_dict(sd, variant_config(variant)))
     images = _images(height, width)
     expected = timm_logits(variant, normalise(images))
@@ -67,9 +65,8 @@ def test_both_layouts_convert_identically(variant):
 def test_parameter_count_matches_timm(variant):
     """Keras folds PyTorch's second LSTM bias into the first: 4 directions x 4*hidden
     fewer parameters per block. Everything else is the same tensor for tensor."""
-    import torch  # noqa: F401
-
     from conftest import timm_model
+    import torch  # noqa: F401
 
     config = variant_config(variant)
     timm_count = sum(p.numel() for p in timm_model(variant).parameters())

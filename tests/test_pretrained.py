@@ -14,10 +14,10 @@ import json
 import os
 import threading
 
+from conftest import REPO, TINY, authors_layout, normalise, timm_logits, timm_model, timm_state_dict, to_numpy
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, TINY, authors_layout, normalise, timm_logits, timm_model, timm_state_dict, to_numpy
 
 import keras_sequencer as ks
 from keras_sequencer import pretrained
@@ -153,8 +153,8 @@ def test_offline_fails_fast_naming_the_file(monkeypatch, tmp_path):
 
 
 def test_checkpoint_paths_in_every_format(tmp_path):
-    import torch
     from safetensors.numpy import save_file
+    import torch
 
     sd = timm_state_dict("s")
     save_file(sd, tmp_path / "timm.safetensors")
