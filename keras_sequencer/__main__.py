@@ -1,4 +1,4 @@
-"""Command line: `python -m keras_sequencer {convert,predict,manifest} ...`."""
+"""Command line: `python -m keras_sequencer {demo,train,convert,predict,manifest} ...`."""
 
 import argparse
 import json
@@ -39,6 +39,32 @@ def _predict(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from keras_sequencer.demo import run_demo
+
+    metrics = run_demo(args.output, epochs=args.epochs, batch_size=args.batch_size, data_dir=args.data_dir,
+                       limit=args.limit)  # fmt: skip
+    print(f"Fashion-MNIST test accuracy: {metrics['test_accuracy']:.4f} "
+          f"({metrics['test_images']} images; {metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s "
+          f"on {metrics['backend']}). Report: {args.output}/")  # fmt: skip
+    return 0
+
+
+def _train(args) -> int:
+    from keras_sequencer.train import run
+
+    weights = None if args.weights == "none" else args.weights
+    model, history = run(
+        args.dataset, variant=args.variant, recipe=args.recipe, weights=weights, batch_size=args.batch_size,
+        epochs=args.epochs, output_dir=args.output, data_dir=args.data_dir, train_split=args.train_split,
+        eval_split=args.eval_split, mixed_precision=args.mixed_precision, devices=args.devices,
+        steps_per_epoch=args.steps_per_epoch,
+    )  # fmt: skip
+    model.save(f"{args.output}/model.keras")
+    print(f"final: { ({k: round(v[-1], 4) for k, v in history.history.items()}) }; model: {args.output}/model.keras")
+    return 0
+
+
 def _manifest(args) -> int:
     from keras_sequencer.pretrained import manifest
 
@@ -49,6 +75,30 @@ def _manifest(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keras_sequencer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("demo", help="train a small Sequencer2D on Fashion-MNIST offline, write a report")
+    p.add_argument("--output", default="reports/demo")
+    p.add_argument("--epochs", type=int, default=None, help="default: the fashion_mnist recipe's")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's package)")
+    p.add_argument("--limit", type=int, default=None, help="use only this many images (quick check)")
+    p.set_defaults(run=_demo)
+
+    p = commands.add_parser("train", help="train / fine-tune on a tfds dataset or an image folder")
+    p.add_argument("--dataset", required=True, help="tfds:NAME (already prepared) or folder:PATH")
+    p.add_argument("--variant", default="s", choices=["s", "m", "l"])
+    p.add_argument("--recipe", default="imagenet", help="imagenet | finetune392 | cifar_transfer | fashion_mnist")
+    p.add_argument("--weights", default="none", help="none | imagenet | PATH")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--output", default="runs/train")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="validation")
+    p.add_argument("--mixed-precision", default=None, choices=["mixed_float16", "mixed_bfloat16"])
+    p.add_argument("--devices", type=int, default=None)
+    p.set_defaults(run=_train)
 
     p = commands.add_parser("convert", help="convert a timm / authors' checkpoint to a Keras .weights.h5")
     p.add_argument("source", help="checkpoint: .safetensors, or .pth/.bin (needs torch)")

@@ -142,3 +142,16 @@ def test_stochastic_depth_drops_whole_samples_at_the_rate():
 def test_stochastic_depth_rejects_bad_rate():
     with pytest.raises(ValueError, match=r"Received: rate=1.0"):
         StochasticDepth(1.0)
+
+
+def test_bilstm2d_survives_keras_object_sharing_scope():
+    """Regression: built inside the scope Keras uses while loading a `.keras` file,
+    Bidirectional used to resolve a freed template's recycled id() to another LSTM."""
+    from keras.src.saving.serialization_lib import ObjectSharingScope
+
+    with ObjectSharingScope():
+        for _ in range(100):
+            layer = BiLSTM2D(2)
+            for bidirectional in (layer.rnn_v, layer.rnn_h):
+                assert bidirectional.backward_layer.go_backwards
+                assert not bidirectional.forward_layer.go_backwards

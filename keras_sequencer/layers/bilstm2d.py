@@ -1,7 +1,38 @@
 """BiLSTM2D: the token mixer of Sequencer2D."""
 
+import contextlib
+
 import keras
 from keras import ops
+
+_SHARING_KEYS = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_map")
+
+
+@contextlib.contextmanager
+def _outside_object_sharing():
+    """Builds Keras' `Bidirectional` outside a `.keras` loading scope.
+
+    `Bidirectional.__init__` serialises and deserialises its template layer.
+    Inside Keras' object-sharing scope (active while a `.keras` file loads)
+    that records the template's `id()`; once the template is freed, a later
+    template at the same address is resolved to an earlier LSTM, so forward
+    and backward LSTMs get mixed up (Keras 3.15: "Forward layer and backward
+    layer should have different `go_backwards` value", at random). Nothing
+    here is shared, so suspending the scope is safe.
+    """
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # a Keras without the internal module: nothing to suspend
+        yield
+        return
+    saved = [global_state.get_global_attribute(key) for key in _SHARING_KEYS]
+    for key in _SHARING_KEYS:
+        global_state.set_global_attribute(key, None)
+    try:
+        yield
+    finally:
+        for key, value in zip(_SHARING_KEYS, saved, strict=True):
+            global_state.set_global_attribute(key, value)
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -46,8 +77,9 @@ class BiLSTM2D(keras.layers.Layer):
     def _bidirectional_lstm(self, name):
         # Explicit names keep variable paths stable ("rnn_v/forward_lstm/..."),
         # whatever else the process has built; the converter relies on them.
-        lstm = keras.layers.LSTM(self.hidden_size, return_sequences=True, name="lstm", dtype=self.dtype_policy)
-        return keras.layers.Bidirectional(lstm, merge_mode="concat", name=name, dtype=self.dtype_policy)
+        with _outside_object_sharing():
+            lstm = keras.layers.LSTM(self.hidden_size, return_sequences=True, name="lstm", dtype=self.dtype_policy)
+            return keras.layers.Bidirectional(lstm, merge_mode="concat", name=name, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         channels = input_shape[-1]

@@ -1,0 +1,345 @@
+"""tf.data input pipelines: tfds datasets, image folders, in-memory arrays, and the paper's transforms.
+
+Every pipeline yields `(images, labels)` batches: images float32 RGB (or
+grey) in [0, 255], channels last, for a model built with
+`include_preprocessing=True`; labels are one-hot (soft, after smoothing and
+mixing) float32 vectors, for `keras.losses.CategoricalCrossentropy`.
+
+The training transforms follow the authors' ImageNet recipe (timm 0.5.4
+`train.py`, reference sheet §3): RandomResizedCrop (scale 0.08-1, ratio
+3/4-4/3, bilinear or bicubic at random), horizontal flip, RandAugment,
+random erasing 0.25, Mixup 0.8 / CutMix 1.0 (one or the other per batch,
+switch 0.5) and label smoothing 0.1. Evaluation resizes the short side to
+`size / crop_pct` (bicubic) and takes the centre crop. The pipelines run on
+TensorFlow's tf.data whatever the Keras backend: `model.fit` accepts a
+`tf.data.Dataset` on JAX and PyTorch too.
+"""
+
+import dataclasses
+import gzip
+import os
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation settings; the defaults are the paper's ImageNet recipe.
+
+    Attributes:
+        scale, ratio: RandomResizedCrop area fraction and aspect-ratio ranges.
+        hflip: probability of a horizontal flip.
+        rand_augment: RandAugment magnitude in [0, 1] (timm's m9 is 0.9); 0 disables it.
+        rand_augment_ops: RandAugment operations per image.
+        erasing: probability of random erasing (per image); 0 disables it.
+        mixup_alpha: Mixup Beta(alpha, alpha); 0 disables Mixup.
+        cutmix_alpha: CutMix Beta(alpha, alpha); 0 disables CutMix.
+        switch_prob: with both enabled, probability of CutMix (else Mixup) for a batch.
+        label_smoothing: smoothing of the one-hot labels, applied before mixing.
+        pad_crop: for small images instead of RandomResizedCrop: pad by this many
+            pixels and crop back at a random offset (0 disables it).
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    rand_augment: float = 0.9
+    rand_augment_ops: int = 2
+    erasing: float = 0.25
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    pad_crop: int = 0
+
+
+NO_AUGMENT = Augment(
+    scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, rand_augment=0.0, erasing=0.0,
+    mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
+)  # fmt: skip
+
+
+# === Raw data ===
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(data_dir: str | None = None):
+    """Fashion-MNIST as uint8 arrays: `((x_train, y_train), (x_test, y_test))`, images `(N, 28, 28, 1)`.
+
+    Reads the original IDX files from `data_dir` (default: Debian's
+    `dataset-fashion-mnist` package, `/usr/share/datasets/fashion-mnist`),
+    so no network is needed; without them falls back to
+    `keras.datasets.fashion_mnist`, which downloads.
+    """
+    directory = data_dir or FASHION_MNIST_DIR
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    paths = []
+    for name in names:
+        found = [
+            os.path.join(directory, name + ext)
+            for ext in (".gz", "")
+            if os.path.exists(os.path.join(directory, name + ext))
+        ]
+        paths.append(found[0] if found else None)
+    if all(paths):
+        x_train, y_train, x_test, y_test = (_read_idx(p) for p in paths)
+    elif data_dir is not None:
+        raise ValueError(
+            f"`data_dir` must hold the four Fashion-MNIST IDX files ({', '.join(names)}, optionally .gz). "
+            f"Received: data_dir={data_dir!r}"
+        )
+    else:
+        import keras
+
+        (x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
+    return (x_train[..., None], y_train.astype(np.int64)), (x_test[..., None], y_test.astype(np.int64))
+
+
+# === Per-image transforms (TensorFlow ops, inside tf.data) ===
+
+
+def eval_transform(image, size: int = 224, crop_pct: float = 0.875):
+    """Resize the short side to `int(size / crop_pct)` (bicubic), then centre-crop `size x size`."""
+    import tensorflow as tf
+
+    shape = tf.shape(image)
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    short = float(int(size / crop_pct))
+    scale = short / tf.minimum(height, width)
+    new_h = tf.maximum(tf.cast(height * scale, tf.int32), int(short))
+    new_w = tf.maximum(tf.cast(width * scale, tf.int32), int(short))
+    image = tf.image.resize(tf.cast(image, tf.float32), (new_h, new_w), method="bicubic", antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    image = tf.image.crop_to_bounding_box(image, top, left, size, size)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style crop: a random area fraction and aspect ratio, resized to `size x size`
+    with bilinear or bicubic interpolation at random (timm's `--train-interpolation random`)."""
+    import tensorflow as tf
+
+    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.slice(tf.cast(image, tf.float32), begin, crop_size)
+    bicubic = tf.random.uniform(()) < 0.5
+    resized = tf.cond(
+        bicubic,
+        lambda: tf.image.resize(crop, (size, size), method="bicubic"),
+        lambda: tf.image.resize(crop, (size, size), method="bilinear"),
+    )
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def pad_and_crop(image, pad: int):
+    """Pads by `pad` pixels (zeros) and crops back to the original size at a random offset."""
+    import tensorflow as tf
+
+    shape = tf.shape(image)
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    return tf.image.random_crop(padded, shape)
+
+
+# === Batch-level mixing ===
+
+
+def smooth_labels(labels, num_classes: int, smoothing: float):
+    """One-hot labels with timm's smoothing: `1 - s + s/K` on the class, `s/K` elsewhere."""
+    import tensorflow as tf
+
+    off = smoothing / num_classes
+    return tf.one_hot(labels, num_classes, on_value=1.0 - smoothing + off, off_value=off)
+
+
+def mix_batch(images, targets, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5):
+    """Mixup or CutMix on a batch (one of them per batch, as timm's `mode='batch'`).
+
+    The batch is mixed with its reverse; the targets are mixed with the
+    same weight, which for CutMix is the exact fraction of pasted pixels.
+    """
+    import tensorflow as tf
+
+    def beta(alpha):
+        a = tf.random.gamma((), alpha)
+        b = tf.random.gamma((), alpha)
+        return a / (a + b)
+
+    flipped_images, flipped_targets = tf.reverse(images, [0]), tf.reverse(targets, [0])
+
+    def mixup():
+        lam = beta(mixup_alpha)
+        return lam * images + (1 - lam) * flipped_images, lam
+
+    def cutmix():
+        lam = beta(cutmix_alpha)
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        cut = tf.sqrt(1.0 - lam)
+        cut_h = tf.cast(tf.cast(height, tf.float32) * cut, tf.int32)
+        cut_w = tf.cast(tf.cast(width, tf.float32) * cut, tf.int32)
+        cy = tf.random.uniform((), 0, height, dtype=tf.int32)
+        cx = tf.random.uniform((), 0, width, dtype=tf.int32)
+        y0, y1 = tf.clip_by_value(cy - cut_h // 2, 0, height), tf.clip_by_value(cy + cut_h // 2, 0, height)
+        x0, x1 = tf.clip_by_value(cx - cut_w // 2, 0, width), tf.clip_by_value(cx + cut_w // 2, 0, width)
+        rows = tf.logical_and(tf.range(height) >= y0, tf.range(height) < y1)
+        cols = tf.logical_and(tf.range(width) >= x0, tf.range(width) < x1)
+        box = tf.cast(tf.logical_and(rows[:, None], cols[None, :]), images.dtype)[None, :, :, None]
+        lam_exact = 1.0 - tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(height * width, tf.float32)
+        return images * (1 - box) + flipped_images * box, lam_exact
+
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        mixed, lam = tf.cond(tf.random.uniform(()) < switch_prob, cutmix, mixup)
+    elif cutmix_alpha > 0:
+        mixed, lam = cutmix()
+    else:
+        mixed, lam = mixup()
+    return mixed, lam * targets + (1 - lam) * flipped_targets
+
+
+# === Pipelines ===
+
+
+def make_dataset(
+    source,
+    num_classes: int,
+    batch_size: int,
+    training: bool,
+    image_size: int | None = None,
+    augment: Augment | None = None,
+    crop_pct: float = 0.875,
+    shuffle_buffer: int = 10_000,
+    seed: int | None = None,
+    drop_remainder: bool | None = None,
+):
+    """Batches a `tf.data.Dataset` of `(image, integer label)` for `model.fit` / `evaluate`.
+
+    Args:
+        source: dataset of `(image uint8/float HxWxC, int label)` pairs.
+        num_classes: number of classes (for one-hot labels).
+        batch_size: global batch size.
+        training: shuffle, augment and mix (else the evaluation transform).
+        image_size: output side; None keeps the source size (no crop/resize).
+        augment: training transforms (default: the paper's recipe, `Augment()`).
+        crop_pct: evaluation centre-crop fraction (timm's 0.875).
+        shuffle_buffer: shuffle buffer size, in images.
+        seed: seed of the shuffle and the augmentations.
+        drop_remainder: drop the last incomplete batch (default: when training).
+
+    Returns:
+        A prefetched `tf.data.Dataset` of `(float32 images in [0, 255], float32 soft labels)`.
+    """
+    import keras
+    import tensorflow as tf
+
+    augment = augment or Augment()
+    autotune = tf.data.AUTOTUNE
+    drop_remainder = training if drop_remainder is None else drop_remainder
+
+    if training:
+        ds = source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+        def per_image(image, label):
+            image = tf.cast(image, tf.float32)
+            if image_size is not None:
+                image = random_resized_crop(image, image_size, augment.scale, augment.ratio)
+            if augment.pad_crop:
+                image = pad_and_crop(image, augment.pad_crop)
+            if augment.hflip > 0:
+                image = tf.cond(
+                    tf.random.uniform(()) < augment.hflip, lambda: tf.image.flip_left_right(image), lambda: image
+                )
+            return image, label
+
+        ds = ds.map(per_image, num_parallel_calls=autotune)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
+        color_ops = []
+        if augment.rand_augment > 0:
+            color_ops.append(
+                keras.layers.RandAugment(
+                    value_range=(0, 255), num_ops=augment.rand_augment_ops, factor=augment.rand_augment, seed=seed
+                )
+            )
+        if augment.erasing > 0:
+            color_ops.append(
+                keras.layers.RandomErasing(factor=(augment.erasing, augment.erasing), value_range=(0, 255), seed=seed)
+            )
+
+        def per_batch(images, labels):
+            for op in color_ops:
+                images = op(images, training=True)
+            targets = smooth_labels(labels, num_classes, augment.label_smoothing)
+            if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
+                images, targets = mix_batch(
+                    images, targets, augment.mixup_alpha, augment.cutmix_alpha, augment.switch_prob
+                )
+            return tf.clip_by_value(images, 0.0, 255.0), targets
+
+        ds = ds.map(per_batch, num_parallel_calls=autotune)
+    else:
+
+        def per_image(image, label):
+            image = tf.cast(image, tf.float32)
+            if image_size is not None:
+                image = eval_transform(image, image_size, crop_pct)
+            return image, tf.one_hot(label, num_classes)
+
+        ds = source.map(per_image, num_parallel_calls=autotune)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
+    return ds.prefetch(autotune)
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None, download: bool = False):
+    """`(image, label)` pairs of a tensorflow-datasets image classification dataset, and its class count.
+
+    `download=False` (the default) never touches the network: the dataset
+    must already be prepared in `data_dir` (for ImageNet-1k, `imagenet2012`
+    with the manual download placed as tfds documents).
+    """
+    import tensorflow_datasets as tfds
+
+    ds, info = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, with_info=True, download=download)
+    return ds, info.features["label"].num_classes
+
+
+def folder_source(directory: str):
+    """`(image, label)` pairs from `directory/<class_name>/<image files>`, and the class names."""
+    import tensorflow as tf
+
+    class_names = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+    if not class_names:
+        raise ValueError(
+            f"`directory` must contain one sub-folder of images per class. Received: directory={directory!r}"
+        )
+    paths, labels = [], []
+    for index, name in enumerate(class_names):
+        for file in sorted(os.listdir(os.path.join(directory, name))):
+            if file.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".gif")):
+                paths.append(os.path.join(directory, name, file))
+                labels.append(index)
+
+    def load(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE), class_names

@@ -1,0 +1,293 @@
+"""Training through `model.fit`: the paper's recipes, schedules, callbacks and multi-device scopes."""
+
+import contextlib
+import dataclasses
+import os
+
+import keras
+
+from keras_sequencer.data import Augment
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A training recipe (reference sheet §3). Learning rates are for `base_batch`
+    and scale linearly with the actual global batch size.
+
+    Attributes:
+        epochs: training epochs (warmup included).
+        lr: peak learning rate at `base_batch`.
+        base_batch: the global batch the recipe's `lr` was set for.
+        weight_decay: AdamW decoupled weight decay (not applied to biases and norms).
+        warmup_epochs: linear warmup from `warmup_lr`.
+        warmup_lr, min_lr: start of the warmup, floor of the cosine decay.
+        drop_path_rate: stochastic depth of the last block (linear ramp from 0).
+        image_size: training / evaluation side.
+        clip_norm: global gradient-norm clipping, None for none.
+        augment: the training transforms.
+    """
+
+    epochs: int
+    lr: float
+    base_batch: int
+    weight_decay: float
+    warmup_epochs: float
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    drop_path_rate: float = 0.1
+    image_size: int | None = 224
+    clip_norm: float | None = None
+    augment: Augment = Augment()
+
+
+RECIPES: dict[str, Recipe] = {
+    # ImageNet-1k from scratch: AdamW 2e-3 at global batch 2048, wd 0.05, 300 epochs, cosine, 20 warmup.
+    "imagenet": Recipe(epochs=300, lr=2e-3, base_batch=2048, weight_decay=0.05, warmup_epochs=20),
+    # The authors' ↑392 fine-tune of a 224 checkpoint: 30 epochs, lr 5e-5 at 512, no warmup, drop path 0.4.
+    "finetune392": Recipe(
+        epochs=30, lr=5e-5, base_batch=512, weight_decay=1e-8, warmup_epochs=0, drop_path_rate=0.4, image_size=392
+    ),
+    # The authors' CIFAR transfer: 200 epochs, lr 1e-4 at 512, wd 1e-4, 5 warmup, clip 1, no random erasing.
+    "cifar_transfer": Recipe(
+        epochs=200,
+        lr=1e-4,
+        base_batch=512,
+        weight_decay=1e-4,
+        warmup_epochs=5,
+        clip_norm=1.0,
+        augment=dataclasses.replace(Augment(), erasing=0.0),
+    ),
+    # The offline demo: a small Sequencer2D on 28x28 Fashion-MNIST (pad-and-crop + flip, smoothing 0.1).
+    "fashion_mnist": Recipe(
+        epochs=12,
+        lr=2e-3,
+        base_batch=128,
+        weight_decay=0.05,
+        warmup_epochs=1,
+        drop_path_rate=0.05,
+        image_size=None,
+        augment=Augment(
+            scale=(1.0, 1.0),
+            ratio=(1.0, 1.0),
+            hflip=0.5,
+            rand_augment=0.0,
+            erasing=0.0,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+            label_smoothing=0.1,
+            pad_crop=2,
+        ),
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}. Received: recipe={name!r}")
+    return RECIPES[name]
+
+
+def learning_rate_schedule(recipe: Recipe, global_batch: int, steps_per_epoch: int, epochs: int | None = None):
+    """Linear warmup from `warmup_lr` to the scaled peak, then cosine decay to `min_lr`, per step."""
+    epochs = epochs or recipe.epochs
+    peak = recipe.lr * global_batch / recipe.base_batch
+    warmup_steps = int(recipe.warmup_epochs * steps_per_epoch)
+    decay_steps = max(epochs * steps_per_epoch - warmup_steps, 1)
+    if warmup_steps == 0:
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps, alpha=min(recipe.min_lr / peak, 1.0))
+    return keras.optimizers.schedules.CosineDecay(
+        recipe.warmup_lr,
+        decay_steps,
+        alpha=min(recipe.min_lr / peak, 1.0),
+        warmup_target=peak,
+        warmup_steps=warmup_steps,
+    )
+
+
+def make_optimizer(recipe: Recipe, global_batch: int, steps_per_epoch: int, epochs: int | None = None):
+    """AdamW with the recipe's schedule; biases and LayerNorm parameters get no weight decay (as timm)."""
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=learning_rate_schedule(recipe, global_batch, steps_per_epoch, epochs),
+        weight_decay=recipe.weight_decay,
+        global_clipnorm=recipe.clip_norm,
+    )
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+@contextlib.contextmanager
+def distribution_scope(devices: int | None = None):
+    """Data parallelism over the local devices, on the backend's own engine.
+
+    - TensorFlow: `tf.distribute.MirroredStrategy` (build and compile inside the scope).
+    - JAX: `keras.distribution.DataParallel` (set globally for the duration).
+    - PyTorch: a single device only; Keras 3's torch backend has no
+      in-process data parallelism (use torchrun + DDP outside Keras' `fit`).
+    With one device this is a no-op on every backend.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        visible = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        names = [d.name for d in visible][: devices or len(visible)]
+        if len(names) <= 1:
+            yield None
+            return
+        strategy = tf.distribute.MirroredStrategy(names)
+        with strategy.scope():
+            yield strategy
+    elif backend == "jax":
+        available = keras.distribution.list_devices()
+        chosen = available[: devices or len(available)]
+        if len(chosen) <= 1:
+            yield None
+            return
+        previous = keras.distribution.distribution()
+        distribution = keras.distribution.DataParallel(devices=chosen)
+        keras.distribution.set_distribution(distribution)
+        try:
+            yield distribution
+        finally:
+            keras.distribution.set_distribution(previous)
+    else:
+        if devices not in (None, 1):
+            raise ValueError(
+                "Multi-device training is supported on the TensorFlow (MirroredStrategy) and JAX "
+                f"(DataParallel) backends; the {backend} backend trains on one device. Received: devices={devices}"
+            )
+        yield None
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def fit(
+    model: keras.Model,
+    train_data,
+    validation_data,
+    recipe: Recipe,
+    global_batch: int,
+    steps_per_epoch: int,
+    output_dir: str,
+    epochs: int | None = None,
+    verbose="auto",
+):
+    """Compiles `model` for the recipe and trains it with checkpoints that survive a kill.
+
+    Writes into `output_dir`: `backup/` (BackupAndRestore: a re-run resumes
+    from the last finished epoch), `last.keras` (saved every epoch),
+    `log.csv` and, when the `tensorboard` package is installed, `tensorboard/`. The model must output logits
+    (`classifier_activation=None`); labels are one-hot / soft.
+
+    Returns:
+        The `keras.callbacks.History`.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    epochs = epochs or recipe.epochs
+    model.compile(
+        optimizer=make_optimizer(recipe, global_batch, steps_per_epoch, epochs),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+        keras.callbacks.ModelCheckpoint(os.path.join(output_dir, "last.keras")),
+        keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"), append=True),
+    ]
+    if _has_tensorboard():
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")))
+    return model.fit(
+        train_data,
+        validation_data=validation_data,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+
+
+def run(
+    dataset: str,
+    variant: str = "s",
+    recipe: str = "imagenet",
+    weights: str | None = None,
+    batch_size: int = 64,
+    epochs: int | None = None,
+    output_dir: str = "runs/train",
+    data_dir: str | None = None,
+    train_split: str = "train",
+    eval_split: str = "validation",
+    mixed_precision: str | None = None,
+    devices: int | None = None,
+    steps_per_epoch: int | None = None,
+    seed: int = 0,
+):
+    """Trains or fine-tunes a Sequencer2D variant on a tfds dataset or an image folder.
+
+    Args:
+        dataset: `"tfds:NAME"` (prepared in `data_dir`; nothing is downloaded)
+            or `"folder:PATH"` (PATH/train/<class>/..., PATH/<eval_split>/<class>/...).
+        variant: "s", "m" or "l".
+        recipe: a key of `RECIPES`.
+        weights: None (from scratch), "imagenet" or a path; with weights the head
+            is replaced when the class count is not 1000.
+        batch_size: global batch size (the recipe's learning rate scales with it).
+        epochs: default: the recipe's.
+        output_dir: checkpoints and logs (see `fit`); re-running resumes.
+        data_dir: tfds data directory.
+        train_split, eval_split: split names (tfds) or sub-folder names (folder).
+        mixed_precision: None, "mixed_float16" or "mixed_bfloat16".
+        devices: devices to train on (see `distribution_scope`).
+        steps_per_epoch: default: one pass over the training split.
+        seed: seed of weights, shuffling and augmentation.
+
+    Returns:
+        `(model, history)`.
+    """
+    from keras_sequencer import data
+    from keras_sequencer.models import Sequencer2D, variant_config
+
+    rec = get_recipe(recipe)
+    kind, _, location = dataset.partition(":")
+    if kind == "tfds":
+        train_source, num_classes = data.tfds_source(location, train_split, data_dir)
+        eval_source, _ = data.tfds_source(location, eval_split, data_dir)
+    elif kind == "folder":
+        train_source, names = data.folder_source(os.path.join(location, train_split))
+        eval_source, _ = data.folder_source(os.path.join(location, eval_split))
+        num_classes = len(names)
+    else:
+        raise ValueError(f"`dataset` must be 'tfds:NAME' or 'folder:PATH'. Received: dataset={dataset!r}")
+    if steps_per_epoch is None:
+        count = int(train_source.cardinality())
+        if count <= 0:
+            raise ValueError(f"The size of {dataset} is unknown; pass steps_per_epoch. Received: dataset={dataset!r}")
+        steps_per_epoch = max(count // batch_size, 1)
+
+    keras.utils.set_random_seed(seed)
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy(mixed_precision)
+    size = rec.image_size or 224
+    train_ds = data.make_dataset(train_source.repeat(), num_classes, batch_size, True, size, rec.augment, seed=seed)
+    eval_ds = data.make_dataset(eval_source, num_classes, batch_size, False, size)
+
+    config = variant_config(variant)
+    with distribution_scope(devices):
+        if weights is not None and num_classes != 1000:
+            backbone = Sequencer2D(
+                **config, weights=weights, include_top=False, pooling="avg", input_shape=(size, size, 3),
+                drop_path_rate=rec.drop_path_rate, variant=variant,
+            )  # fmt: skip
+            outputs = keras.layers.Dense(num_classes, name="predictions", dtype="float32")(backbone.output)
+            model = keras.Model(backbone.input, outputs, name=f"sequencer2d_{variant}")
+        else:
+            model = Sequencer2D(
+                **config, weights=weights, classes=num_classes, classifier_activation=None,
+                input_shape=(size, size, 3), drop_path_rate=rec.drop_path_rate, variant=variant,
+            )  # fmt: skip
+        history = fit(model, train_ds, eval_ds, rec, batch_size, steps_per_epoch, output_dir, epochs=epochs)
+    return model, history
