@@ -23,8 +23,9 @@ def _load_timm_lstm2d(layer: BiLSTM2D, module) -> None:
     layer.fc.bias.assign(sd["fc.bias"])
 
 
+@pytest.mark.parametrize("implementation", ["keras", "fused"])
 @pytest.mark.parametrize("height,width", [(5, 5), (3, 7), (9, 2)])
-def test_bilstm2d_matches_timm_lstm2d(height, width):
+def test_bilstm2d_matches_timm_lstm2d(height, width, implementation):
     from timm.models.sequencer import LSTM2d
     import torch
 
@@ -37,14 +38,14 @@ def test_bilstm2d_matches_timm_lstm2d(height, width):
     with torch.no_grad():
         expected = module(torch.from_numpy(x)).numpy()  # timm's LSTM2d is channels-last too
 
-    layer = BiLSTM2D(5)
+    layer = BiLSTM2D(5, implementation=implementation)
     layer.build(x.shape)
     _load_timm_lstm2d(layer, module)
     np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=0, atol=2e-6)
 
 
 def test_bilstm2d_layer_contract():
-    layer, _, _ = run_layer_test(BiLSTM2D, {"hidden_size": 3}, (2, 4, 6, 8), (2, 4, 6, 8))
+    layer, _, _ = run_layer_test(BiLSTM2D, {"hidden_size": 3, "implementation": "fused"}, (2, 4, 6, 8), (2, 4, 6, 8))
     # Two independent BiLSTMs (4 directions x kernel, recurrent kernel, bias) + fc.
     assert len(layer.trainable_weights) == 4 * 3 + 2
     assert layer.count_params() == 4 * (8 * 12 + 3 * 12 + 12) + (12 * 8 + 8)
@@ -66,18 +67,60 @@ def test_bilstm2d_direction_order():
     np.testing.assert_allclose(mixed[0, :, -1, 6:8], last[:, 0, :], atol=1e-6)
 
 
+@pytest.mark.parametrize("height,width", [(4, 4), (3, 5)])
+def test_both_paths_train_identically(height, width):
+    """One SGD step through each path from the same weights lands on the same weights:
+    the fused path's gradients equal those of the Bidirectional(LSTM) layers."""
+    x = np.random.RandomState(0).randn(3, height, width, 6).astype("float32")
+    y = np.random.RandomState(1).randn(3, height, width, 6).astype("float32")
+    models = []
+    for implementation in ("keras", "fused"):
+        model = keras.Sequential([keras.Input((height, width, 6)), BiLSTM2D(3, implementation=implementation)])
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    losses = [float(m.train_on_batch(x, y)) for m in models]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert not np.allclose(models[0].get_weights()[1], models[1].get_weights()[1] * 0)  # weights moved
+
+
+def test_fused_needs_a_static_size():
+    """A traced graph with unknown height/width (e.g. TensorFlow relaxing shapes)
+    cannot unroll: "fused" says so, "auto" takes the Keras layers."""
+    symbolic = keras.KerasTensor((None, None, None, 4))
+    layer = BiLSTM2D(2, implementation="fused")
+    layer.build(symbolic.shape)
+    with pytest.raises(ValueError, match="implementation='fused' needs the height and width"):
+        layer._mix(symbolic)
+    auto = BiLSTM2D(2)
+    auto.build(symbolic.shape)
+    assert auto.compute_output_spec(symbolic).shape == (None, None, None, 4)
+
+
 def test_bilstm2d_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"hidden_size.*Received: hidden_size=0"):
         BiLSTM2D(0)
+    with pytest.raises(ValueError, match=r"Received: implementation='cudnn'"):
+        BiLSTM2D(2, implementation="cudnn")
     with pytest.raises(ValueError, match="ndim=4"):
         BiLSTM2D(2)(np.zeros((2, 3, 4), "float32"))
 
 
 def test_sequencer2d_block_layer_contract_and_gradients():
-    kwargs = {"hidden_size": 3, "mlp_ratio": 2.0, "drop_path_rate": 0.2, "layer_norm_epsilon": 1e-6}
+    kwargs = {
+        "hidden_size": 3,
+        "mlp_ratio": 2.0,
+        "drop_path_rate": 0.2,
+        "layer_norm_epsilon": 1e-6,
+        "implementation": "keras",
+    }
     block, x, y = run_layer_test(Sequencer2DBlock, kwargs, (2, 3, 5, 8), (2, 3, 5, 8))
     assert block.fc1.units == 16
-    # Every trainable weight receives a gradient through both residual branches.
+    # Every trainable weight receives a gradient through both residual branches
+    # (without drop path, which could drop a whole branch for this small batch).
+    block = Sequencer2DBlock(**{**kwargs, "drop_path_rate": 0.0})
     model = keras.Sequential([keras.Input((3, 5, 8)), block])
     model.compile(optimizer="sgd", loss="mse")
     before = [to_numpy(w).copy() for w in block.trainable_weights]

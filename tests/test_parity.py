@@ -21,7 +21,7 @@ def _images(height, width, batch=2, seed=0):
     return np.random.RandomState(seed).randint(0, 256, (batch, height, width, 3)).astype(np.uint8)
 
 
-def _check(variant, layout, height, width, include_preprocessing):
+def _check(variant, layout, height, width, include_preprocessing, implementation="auto"):
     sd = timm_state_dict(variant)
     if layout == "authors":
         sd = authors_layout(sd, variant_config(variant)["layers"])
@@ -37,11 +37,17 @@ def _check(variant, layout, height, width, include_preprocessing):
 
 
 @pytest.mark.parametrize(
-    "layout,height,width,include_preprocessing",
-    [("timm", 224, 224, True), ("authors", 112, 196, False), ("timm", 98, 70, True)],
+    "layout,height,width,include_preprocessing,implementation",
+    [
+        ("timm", 224, 224, True, "keras"),
+        ("timm", 224, 224, True, "fused"),
+        ("authors", 112, 196, False, "keras"),
+        ("authors", 112, 196, False, "fused"),
+        ("timm", 98, 70, True, "auto"),
+    ],
 )
-def test_sequencer2d_s_matches_timm(layout, height, width, include_preprocessing):
-    _check("s", layout, height, width, include_preprocessing)
+def test_sequencer2d_s_matches_timm(layout, height, width, include_preprocessing, implementation):
+    _check("s", layout, height, width, include_preprocessing, implementation)
 
 
 @pytest.mark.slow

@@ -6,6 +6,21 @@ import keras
 from keras import ops
 
 _SHARING_KEYS = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_map")
+IMPLEMENTATIONS = ("auto", "keras", "fused")
+
+
+def _gpu_backs_keras_lstm() -> bool:
+    """Whether Keras' own LSTM would run on cuDNN here (TensorFlow or PyTorch on a GPU)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
 
 
 @contextlib.contextmanager
@@ -50,8 +65,28 @@ class BiLSTM2D(keras.layers.Layer):
     Reference: Tatsunami & Taki, "Sequencer: Deep LSTM for Image
     Classification", NeurIPS 2022 (https://arxiv.org/abs/2205.01972).
 
+    Two forward paths compute the same function from the same variables
+    (those of the `Bidirectional(LSTM)` sublayers, so every checkpoint and
+    `.keras` file works with both):
+
+    - `"keras"`: the four LSTMs run as `Bidirectional(LSTM)` layers (cuDNN
+      on a GPU with the TensorFlow or PyTorch backend).
+    - `"fused"`: one matmul projects the input for all four directional
+      LSTMs at every position, then the recurrences advance together, one
+      batched recurrent matmul per step (all four directions when the map is
+      square, vertical and horizontal pairs otherwise), unrolled over the
+      sequence. Needs the height and width to be known when the model is
+      traced (a fixed `input_shape`, or eager calls).
+    - `"auto"` (default): `"fused"` for inference when the height and width
+      are known and no GPU is visible to the TensorFlow or PyTorch backend,
+      else `"keras"`. Measured on a 2-core CPU: the fused path is 4-5% faster
+      for Sequencer2D-S inference at 224x224 (JAX, TensorFlow) but about 2x
+      slower to train (its unrolled loop differentiates worse than Keras'
+      LSTM loop), so training keeps `"keras"`.
+
     Args:
         hidden_size: int, units of each directional LSTM.
+        implementation: `"auto"`, `"keras"` or `"fused"` (see above).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -61,14 +96,19 @@ class BiLSTM2D(keras.layers.Layer):
     (2, 8, 12, 192)
     """
 
-    def __init__(self, hidden_size: int, **kwargs):
+    def __init__(self, hidden_size: int, implementation: str = "auto", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(
                 "`hidden_size` must be a positive int, the units of each "
                 f"directional LSTM. Received: hidden_size={hidden_size}"
             )
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
+            )
         self.hidden_size = hidden_size
+        self.implementation = implementation
         self.input_spec = keras.layers.InputSpec(ndim=4)
         self.rnn_v = self._bidirectional_lstm("rnn_v")
         self.rnn_h = self._bidirectional_lstm("rnn_h")
@@ -92,11 +132,83 @@ class BiLSTM2D(keras.layers.Layer):
         self.fc.build((None, None, None, 4 * self.hidden_size))
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
 
-    def call(self, inputs):
-        return self.fc(self._mix(inputs))
+    def call(self, inputs, training=None):
+        return self.fc(self._mix(inputs, training=training))
 
-    def _mix(self, x):
+    def _mix(self, x, training=None):
         """The two BiLSTM scans, concatenated as [v_fwd, v_bwd, h_fwd, h_bwd]."""
+        static = x.shape[1] is not None and x.shape[2] is not None
+        if self.implementation == "fused" and not static:
+            raise ValueError(
+                f"Layer '{self.name}' with implementation='fused' needs the height and width "
+                "at trace time; give the model a fixed input_shape or use implementation='auto'. "
+                f"Received: input shape={tuple(x.shape)}"
+            )
+        use_fused = self.implementation == "fused" or (
+            self.implementation == "auto" and static and not training and not _gpu_backs_keras_lstm()
+        )
+        return self._mix_fused(x) if use_fused else self._mix_keras(x)
+
+    def _mix_fused(self, x):
+        """All four directional LSTMs from one input projection and batched recurrent steps."""
+        height, width, units = x.shape[1], x.shape[2], self.hidden_size
+        batch = ops.shape(x)[0]
+        cells = [
+            self.rnn_v.forward_layer.cell,
+            self.rnn_v.backward_layer.cell,
+            self.rnn_h.forward_layer.cell,
+            self.rnn_h.backward_layer.cell,
+        ]
+        # `.value`: backend tensors (tf.stack rejects Keras variables).
+        kernel = ops.concatenate([cell.kernel.value for cell in cells], axis=-1)  # (C, 4 directions x 4 gates x u)
+        bias = ops.concatenate([cell.bias.value for cell in cells], axis=-1)
+        proj = ops.reshape(ops.matmul(x, kernel) + bias, (-1, height, width, 4, 4 * units))
+        # Time-major sequences: vertical (H steps, one per column), horizontal (W steps, one per row).
+        v_in = ops.reshape(ops.transpose(proj[..., :2, :], (1, 3, 0, 2, 4)), (height, 2, -1, 4 * units))
+        h_in = ops.reshape(ops.transpose(proj[..., 2:, :], (2, 3, 0, 1, 4)), (width, 2, -1, 4 * units))
+        recurrent = ops.stack([cell.recurrent_kernel.value for cell in cells])  # (4, u, 4u)
+        if height == width:  # B*W == B*H sequences: all four directions in one loop
+            out = self._recur(ops.concatenate([v_in, h_in], axis=1), recurrent, cells[0])
+            v_out, h_out = out[:, :2], out[:, 2:]
+        else:
+            v_out = self._recur(v_in, recurrent[:2], cells[0])
+            h_out = self._recur(h_in, recurrent[2:], cells[0])
+        # (T, 2, N, u) -> channels-last maps ordered [fwd, bwd].
+        v = ops.reshape(ops.transpose(v_out, (2, 0, 1, 3)), (batch, width, height, 2 * units))
+        v = ops.transpose(v, (0, 2, 1, 3))
+        h = ops.reshape(ops.transpose(h_out, (2, 0, 1, 3)), (batch, height, width, 2 * units))
+        return ops.concatenate([v, h], axis=-1)
+
+    @staticmethod
+    def _recur(inputs, recurrent, cell):
+        """Unrolled LSTM steps for D directions at once, with Keras' LSTMCell math.
+
+        `inputs` is `(T, D, N, 4u)` (projected input + bias), directions
+        alternating forward / backward: odd directions read the sequence in
+        reverse and write their outputs back in the original order. Returns
+        `(T, D, N, u)`.
+        """
+        steps, directions = inputs.shape[0], inputs.shape[1]
+        # Backward directions read time-reversed input; their outputs are flipped back at the end.
+        inputs = ops.stack(
+            [ops.flip(inputs[:, d], axis=0) if d % 2 else inputs[:, d] for d in range(directions)], axis=1
+        )
+        state_h = ops.zeros_like(inputs[0, :, :, : recurrent.shape[1]])
+        state_c = state_h
+        outputs = []
+        for t in range(steps):
+            z = inputs[t] + ops.matmul(state_h, recurrent)
+            i, f, g, o = ops.split(z, 4, axis=-1)
+            state_c = cell.recurrent_activation(f) * state_c + cell.recurrent_activation(i) * cell.activation(g)
+            state_h = cell.recurrent_activation(o) * cell.activation(state_c)
+            outputs.append(state_h)
+        outputs = ops.stack(outputs)  # (T, D, N, u)
+        return ops.stack(
+            [ops.flip(outputs[:, d], axis=0) if d % 2 else outputs[:, d] for d in range(directions)], axis=1
+        )
+
+    def _mix_keras(self, x):
+        """The Bidirectional(LSTM) sublayers, as composed layers."""
         batch, height, width = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
         channels = x.shape[-1]
         units = 2 * self.hidden_size
@@ -114,5 +226,5 @@ class BiLSTM2D(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"hidden_size": self.hidden_size})
+        config.update({"hidden_size": self.hidden_size, "implementation": self.implementation})
         return config

@@ -25,6 +25,8 @@ class Sequencer2DBlock(keras.layers.Layer):
         drop_path_rate: float in `[0, 1)`, stochastic-depth rate of both
             residual branches.
         layer_norm_epsilon: float, epsilon of both LayerNorms.
+        implementation: forward path of the token mixer, `"auto"`, `"keras"`
+            or `"fused"` (see `BiLSTM2D`).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -38,6 +40,7 @@ class Sequencer2DBlock(keras.layers.Layer):
         mlp_ratio: float = 3.0,
         drop_path_rate: float = 0.0,
         layer_norm_epsilon: float = 1e-6,
+        implementation: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -47,11 +50,12 @@ class Sequencer2DBlock(keras.layers.Layer):
         self.mlp_ratio = float(mlp_ratio)
         self.drop_path_rate = float(drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.implementation = implementation
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
         dtype = self.dtype_policy
         self.norm1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm1", dtype=dtype)
-        self.rnn_tokens = BiLSTM2D(hidden_size, name="rnn_tokens", dtype=dtype)
+        self.rnn_tokens = BiLSTM2D(hidden_size, implementation, name="rnn_tokens", dtype=dtype)
         self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm2", dtype=dtype)
         self.drop_path = StochasticDepth(drop_path_rate, name="drop_path", dtype=dtype)
         self.fc1 = None  # widths depend on the channel count, known in build()
@@ -70,7 +74,7 @@ class Sequencer2DBlock(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = inputs
-        x = x + self.drop_path(self.rnn_tokens(self.norm1(x)), training=training)
+        x = x + self.drop_path(self.rnn_tokens(self.norm1(x), training=training), training=training)
         mlp = self.fc2(ops.gelu(self.fc1(self.norm2(x)), approximate=False))
         return x + self.drop_path(mlp, training=training)
 
@@ -85,6 +89,7 @@ class Sequencer2DBlock(keras.layers.Layer):
                 "mlp_ratio": self.mlp_ratio,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "implementation": self.implementation,
             }
         )
         return config

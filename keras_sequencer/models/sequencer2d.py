@@ -29,6 +29,7 @@ def _validate(
     classes,
     classifier_activation,
     variant,
+    implementation,
 ):
     """Checks every argument before a weight is built or a file is fetched."""
     arch = {
@@ -46,6 +47,12 @@ def _validate(
         raise ValueError(
             "`layers`, `patch_sizes`, `embed_dims`, `hidden_sizes` and `mlp_ratios` must all have "
             "one entry per stage. Received: " + ", ".join(f"{k}={v!r}" for k, v in arch.items())
+        )
+    from keras_sequencer.layers.bilstm2d import IMPLEMENTATIONS
+
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
         )
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"`pooling` must be one of None, 'avg' or 'max'. Received: pooling={pooling!r}")
@@ -116,6 +123,7 @@ def Sequencer2D(
     layer_norm_epsilon: float = 1e-6,
     name: str = "sequencer2d",
     variant: str | None = None,
+    implementation: str = "auto",
 ) -> keras.Model:
     """Builds a Sequencer2D image classifier (or feature extractor).
 
@@ -151,6 +159,9 @@ def Sequencer2D(
         name: model name.
         variant: name of the preset this config is ("s", "m", "l"), used to
             find its pretrained weights.
+        implementation: forward path of every `BiLSTM2D`: `"auto"`,
+            `"keras"` (Bidirectional LSTM layers, cuDNN on GPU) or `"fused"`
+            (all four directions batched); same weights, same results.
 
     Returns:
         A `Sequencer2DModel` (a functional `keras.Model`).
@@ -179,6 +190,7 @@ def Sequencer2D(
         classes=classes,
         classifier_activation=classifier_activation,
         variant=variant,
+        implementation=implementation,
     )
 
     # === Input ===
@@ -220,6 +232,7 @@ def Sequencer2D(
                 mlp_ratio=mlp_ratios[stage],
                 drop_path_rate=rate,
                 layer_norm_epsilon=layer_norm_epsilon,
+                implementation=implementation,
                 name=f"stage{stage}_block{block}",
             )(x)
             block_index += 1
@@ -270,6 +283,7 @@ def _variant_builder(variant: str, display: str):
         include_preprocessing: bool = True,
         drop_path_rate: float = 0.0,
         name: str = f"sequencer2d_{variant}",
+        implementation: str = "auto",
     ) -> keras.Model:
         return Sequencer2D(
             **config,
@@ -284,6 +298,7 @@ def _variant_builder(variant: str, display: str):
             drop_path_rate=drop_path_rate,
             name=name,
             variant=variant,
+            implementation=implementation,
         )
 
     builder.__name__ = builder.__qualname__ = display
@@ -311,6 +326,7 @@ def _variant_builder(variant: str, display: str):
         include_preprocessing: normalise [0, 255] RGB inside the model.
         drop_path_rate: stochastic depth of the last block (for training).
         name: model name.
+        implementation: BiLSTM2D forward path, "auto", "keras" or "fused".
 
     Returns:
         A `keras.Model`.
