@@ -149,6 +149,7 @@ def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
         lambda: tf.image.resize(crop, (size, size), method="bicubic"),
         lambda: tf.image.resize(crop, (size, size), method="bilinear"),
     )
+    resized.set_shape((size, size, image.shape[-1]))  # tf.slice loses the static channel count
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
@@ -158,7 +159,9 @@ def pad_and_crop(image, pad: int):
 
     shape = tf.shape(image)
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-    return tf.image.random_crop(padded, shape)
+    cropped = tf.image.random_crop(padded, shape)
+    cropped.set_shape(image.shape)
+    return cropped
 
 
 # === Batch-level mixing ===

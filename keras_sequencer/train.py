@@ -59,7 +59,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     # The offline demo: a small Sequencer2D on 28x28 Fashion-MNIST (pad-and-crop + flip, smoothing 0.1).
     "fashion_mnist": Recipe(
-        epochs=12,
+        epochs=6,
         lr=2e-3,
         base_batch=128,
         weight_decay=0.05,
@@ -175,13 +175,15 @@ def fit(
     output_dir: str,
     epochs: int | None = None,
     verbose="auto",
+    callbacks=(),
 ):
     """Compiles `model` for the recipe and trains it with checkpoints that survive a kill.
 
     Writes into `output_dir`: `backup/` (BackupAndRestore: a re-run resumes
     from the last finished epoch), `last.keras` (saved every epoch),
-    `log.csv` and, when the `tensorboard` package is installed, `tensorboard/`. The model must output logits
-    (`classifier_activation=None`); labels are one-hot / soft.
+    `log.csv` and, when the `tensorboard` package is installed, `tensorboard/`.
+    The model must output logits (`classifier_activation=None`); labels are
+    one-hot / soft. `callbacks` run after these.
 
     Returns:
         The `keras.callbacks.History`.
@@ -193,19 +195,19 @@ def fit(
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    callbacks = [
+    standard = [
         keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
         keras.callbacks.ModelCheckpoint(os.path.join(output_dir, "last.keras")),
         keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"), append=True),
     ]
     if _has_tensorboard():
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")))
+        standard.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")))
     return model.fit(
         train_data,
         validation_data=validation_data,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
-        callbacks=callbacks,
+        callbacks=standard + list(callbacks),
         verbose=verbose,
     )
 

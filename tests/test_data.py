@@ -1,0 +1,111 @@
+"""tf.data pipelines: tfds (mock ImageNet), image folders, and the paper's mixing and smoothing."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_sequencer import data
+from keras_sequencer.imagenet import load_image
+
+
+def test_imagenet_pipeline_on_tfds_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        source, num_classes = data.tfds_source("imagenet2012", "train")
+        assert num_classes == 1000
+        train = data.make_dataset(source, num_classes, batch_size=4, training=True, image_size=64, seed=0)
+        images, labels = next(iter(train))
+        evaluation = data.make_dataset(source, num_classes, batch_size=4, training=False, image_size=64)
+        eval_images, eval_labels = next(iter(evaluation))
+
+    assert images.shape == (4, 64, 64, 3) and images.dtype == tf.float32
+    assert labels.shape == (4, 1000) and labels.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 255.0
+    # Smoothing and mixing keep each target a distribution; smoothing leaves no zero.
+    np.testing.assert_allclose(tf.reduce_sum(labels, -1), 1.0, atol=1e-5)
+    assert float(tf.reduce_min(labels)) >= 0.1 / 1000 - 1e-7
+    assert eval_images.shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(tf.reduce_max(eval_labels, -1), 1.0)
+    np.testing.assert_allclose(tf.reduce_sum(eval_labels, -1), 1.0)
+
+
+def test_smoothing_matches_timm():
+    from timm.data.mixup import mixup_target
+    import torch
+
+    labels = np.array([3, 0, 7])
+    ours = data.smooth_labels(tf.constant(labels), 10, 0.1).numpy()
+    # lam=1 is smoothing alone (timm mixes with the flipped batch otherwise).
+    expected = mixup_target(torch.from_numpy(labels), 10, lam=1.0, smoothing=0.1).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0)])
+def test_mixed_targets_equal_the_mixed_pixels(mixup, cutmix):
+    """Image i is the constant i and class i; its partner is the reversed batch. The share
+    of the partner in the pixels must equal the share of its class in the target."""
+    tf.random.set_seed(3)
+    n = 6
+    images = tf.constant(np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 16, 20, 3), np.float32))
+    targets = tf.one_hot(tf.range(n), n)
+    for _ in range(5):
+        mixed, mixed_targets = data.mix_batch(images, targets, mixup, cutmix)
+        mixed, mixed_targets = mixed.numpy(), mixed_targets.numpy()
+        for i in range(n):
+            partner = n - 1 - i
+            # Mixup: every pixel is lam*i + (1-lam)*partner; CutMix: a box of partner pixels.
+            share = (mixed[i].mean() - i) / (partner - i)
+            np.testing.assert_allclose(mixed_targets[i, partner], share, atol=1e-5)
+            np.testing.assert_allclose(mixed_targets[i].sum(), 1.0, atol=1e-6)
+
+
+def _write_folder(root, sizes):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for cls, (w, h) in zip(("cat", "dog"), sizes, strict=True):
+        (root / cls).mkdir(parents=True)
+        for k in range(3):
+            yy, xx = np.mgrid[0:h, 0:w]
+            rgb = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy + k * 40) % 256], -1)
+            Image.fromarray((rgb + rng.randint(0, 20, rgb.shape)).clip(0, 255).astype(np.uint8)).save(
+                root / cls / f"{k}.png"
+            )
+
+
+def test_image_folder_pipeline_and_eval_transform(tmp_path):
+    _write_folder(tmp_path, [(300, 200), (180, 260)])
+    source, names = data.folder_source(str(tmp_path))
+    assert names == ["cat", "dog"]
+    ds = data.make_dataset(source, 2, batch_size=6, training=False, image_size=64)
+    images, labels = next(iter(ds))
+    assert images.shape == (6, 64, 64, 3)
+    np.testing.assert_array_equal(labels.numpy().argmax(-1), [0, 0, 0, 1, 1, 1])
+    # The TensorFlow eval transform is timm's (resize short side to 73, centre crop 64),
+    # as load_image does with PIL; the two bicubic kernels differ by a few grey levels.
+    expected = np.stack([load_image(tmp_path / c / f"{k}.png", size=64) for c in names for k in range(3)])
+    assert np.abs(images.numpy() - expected).mean() < 3.0
+
+    train = data.make_dataset(source, 2, batch_size=4, training=True, image_size=48, seed=1)
+    images, labels = next(iter(train))
+    assert images.shape == (4, 48, 48, 3)
+    np.testing.assert_allclose(labels.numpy().sum(-1), 1.0, atol=1e-5)
+
+
+def test_folder_without_classes_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="one sub-folder of images per class"):
+        data.folder_source(str(tmp_path))
+
+
+def test_fashion_mnist_reader(tmp_path):
+    """The IDX reader against a file written here, and the real files when installed."""
+    import gzip
+
+    images = np.random.RandomState(0).randint(0, 256, (5, 28, 28)).astype(np.uint8)
+    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    with gzip.open(tmp_path / "x.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    np.testing.assert_array_equal(data._read_idx(str(tmp_path / "x.gz")), images)
+    with pytest.raises(ValueError, match="Received: data_dir="):
+        data.load_fashion_mnist(str(tmp_path))

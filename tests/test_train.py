@@ -1,0 +1,152 @@
+"""Training through model.fit: schedule, real-data learning, resume after a kill, many devices."""
+
+import json
+import os
+
+from conftest import BACKEND, TINY, run_python
+import keras
+import numpy as np
+import pytest
+
+from keras_sequencer import data, train
+
+HAS_FASHION_MNIST = os.path.isdir(data.FASHION_MNIST_DIR)
+needs_fashion_mnist = pytest.mark.skipif(
+    not HAS_FASHION_MNIST,
+    reason="Debian's dataset-fashion-mnist is not installed (scripts/test.sh installs it as root)",
+)
+
+
+def test_schedule_warms_up_peaks_and_decays():
+    recipe = train.get_recipe("imagenet")
+    steps = 10
+    schedule = train.learning_rate_schedule(recipe, global_batch=1024, steps_per_epoch=steps)
+    peak = recipe.lr * 1024 / 2048  # linear scaling from the recipe's global batch
+    np.testing.assert_allclose(float(schedule(0)), recipe.warmup_lr, rtol=1e-4)
+    np.testing.assert_allclose(float(schedule(recipe.warmup_epochs * steps)), peak, rtol=1e-4)
+    np.testing.assert_allclose(float(schedule(recipe.epochs * steps)), recipe.min_lr, rtol=1e-3)
+    halfway = (recipe.warmup_epochs + (recipe.epochs - recipe.warmup_epochs) / 2) * steps
+    np.testing.assert_allclose(float(schedule(halfway)), (peak + recipe.min_lr) / 2, rtol=1e-3)
+
+
+def test_unknown_recipe():
+    with pytest.raises(ValueError, match="Received: recipe='cifar100'"):
+        train.get_recipe("cifar100")
+
+
+@needs_fashion_mnist
+def test_fit_on_real_data_lowers_the_loss(tmp_path):
+    import tensorflow as tf
+
+    from keras_sequencer.demo import build_demo_model
+
+    keras.utils.set_random_seed(0)
+    (x, y), _ = data.load_fashion_mnist()
+    x, y = x[:1024], y[:1024]
+    recipe = train.get_recipe("fashion_mnist")
+    ds = data.make_dataset(tf.data.Dataset.from_tensor_slices((x, y)), 10, 128, True, None, recipe.augment, seed=0)
+    model = build_demo_model()
+    history = train.fit(model, ds.repeat(), None, recipe, 128, 8, str(tmp_path), epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert os.path.exists(tmp_path / "last.keras") and os.path.exists(tmp_path / "log.csv")
+
+
+_RESUMABLE = """
+import json, os, sys
+import numpy as np, keras, tensorflow as tf
+import keras_sequencer as ks
+from keras_sequencer import train
+keras.utils.set_random_seed(0)
+out, kill_after = sys.argv[1], int(sys.argv[2])
+x = np.random.RandomState(0).uniform(0, 255, (32, 16, 16, 3)).astype("float32")
+y = keras.utils.to_categorical(np.arange(32) % 4, 4)
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+model = ks.Sequencer2D(**json.loads(sys.argv[3]), classes=4, classifier_activation=None)
+
+class Killer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        print("EPOCH", epoch, flush=True)
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == kill_after:
+            os._exit(3)  # no cleanup, like a SIGKILL between epochs
+
+recipe = train.get_recipe("fashion_mnist")
+train.fit(model, ds, None, recipe, 8, 4, out, epochs=4, verbose=0, callbacks=[Killer()])
+print("ITERATIONS", int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
+"""
+
+
+def test_kill_and_resume_continues_from_the_last_finished_epoch(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [sys.executable, "-c", _RESUMABLE, str(tmp_path), "1", json.dumps(TINY)]
+    first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert [line for line in first.stdout.splitlines() if line.startswith("EPOCH")] == ["EPOCH 0", "EPOCH 1"]
+
+    second = run_python(_RESUMABLE.replace("sys.argv[1]", repr(str(tmp_path))).replace(
+        "int(sys.argv[2])", "-1").replace("sys.argv[3]", repr(json.dumps(TINY))))  # fmt: skip
+    epochs = [line for line in second.splitlines() if line.startswith("EPOCH")]
+    assert epochs == ["EPOCH 2", "EPOCH 3"], second
+    # Nothing lost: the optimizer counts every step of all four epochs.
+    assert "ITERATIONS 16" in second
+    rows = open(tmp_path / "log.csv").read().splitlines()
+    assert [row.split(",")[0] for row in rows if row[0].isdigit()] == ["0", "1", "2", "3"]
+
+
+_DISTRIBUTED = """
+import json, sys
+import numpy as np, keras
+{setup}
+import tensorflow as tf
+import keras_sequencer as ks
+from keras_sequencer import train
+keras.utils.set_random_seed(0)
+x = np.random.RandomState(0).uniform(0, 255, (64, 16, 16, 3)).astype("float32")
+y = keras.utils.to_categorical(np.arange(64) % 4, 4)
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
+with train.distribution_scope() as scope:
+    model = ks.Sequencer2D(**json.loads({tiny!r}), classes=4, classifier_activation=None)
+    history = train.fit(model, ds, None, train.get_recipe("fashion_mnist"), 16, 4, {out!r}, epochs=3, verbose=0)
+print("REPLICAS", {replicas})
+print("LOSSES", json.dumps(history.history["loss"]))
+"""
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute: runs once, in the tensorflow pass")
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    setup = (
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)"
+    )
+    code = _DISTRIBUTED.format(
+        setup=setup, tiny=json.dumps(TINY), out=str(tmp_path), replicas="scope.num_replicas_in_sync"
+    )
+    out = run_python(code, backend="tensorflow")
+    assert "REPLICAS 2" in out
+    losses = json.loads(out.split("LOSSES ")[1])
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX: runs once, in the jax pass")
+def test_jax_data_parallel_on_two_host_devices(tmp_path):
+    code = _DISTRIBUTED.format(
+        setup="", tiny=json.dumps(TINY), out=str(tmp_path), replicas="len(scope.device_mesh.devices)"
+    )
+    out = run_python(code, backend="jax", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert "REPLICAS 2" in out
+    losses = json.loads(out.split("LOSSES ")[1])
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch backend's single-device rule: checked in the torch pass")
+def test_torch_backend_says_it_trains_on_one_device():
+    with pytest.raises(ValueError, match="trains on one device. Received: devices=2"):
+        with train.distribution_scope(devices=2):
+            pass
