@@ -13,6 +13,7 @@ pip install -q --upgrade pip || exit 1
 # machines they come from the local package index, without a download).
 pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}" || exit 1
 pip install -q -e ".[test]" || exit 1
+bash scripts/fashion_mnist.sh  # real data offline (Debian package)
 
 echo "== ruff"
 ruff check . && ruff format --check . || exit 1
