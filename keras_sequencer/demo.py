@@ -54,10 +54,10 @@ def _plots(output_dir, history, confusion, x_test, y_test, predictions):
 
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(epochs, history["loss"], label="train")
+    axes[0].plot(epochs, history["loss"], label="train (augmented, smoothed labels)")
     axes[0].plot(epochs, history["val_loss"], label="test")
     axes[0].set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-    axes[1].plot(epochs, history["accuracy"], label="train (smoothed labels)")
+    axes[1].plot(epochs, history["accuracy"], label="train (augmented)")
     axes[1].plot(epochs, history["val_accuracy"], label="test")
     axes[1].set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in axes:

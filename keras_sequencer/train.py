@@ -209,6 +209,7 @@ def fit(
         steps_per_epoch=steps_per_epoch,
         callbacks=standard + list(callbacks),
         verbose=verbose,
+        shuffle=False,  # the tf.data pipeline shuffles
     )
 
 
