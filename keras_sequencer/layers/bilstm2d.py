@@ -1,6 +1,7 @@
 """BiLSTM2D: the token mixer of Sequencer2D."""
 
 import contextlib
+import functools
 
 import keras
 from keras import ops
@@ -9,6 +10,7 @@ _SHARING_KEYS = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_ma
 IMPLEMENTATIONS = ("auto", "keras", "fused")
 
 
+@functools.cache  # asked on every call of every block; the answer is fixed per process
 def _gpu_backs_keras_lstm() -> bool:
     """Whether Keras' own LSTM would run on cuDNN here (TensorFlow or PyTorch on a GPU)."""
     backend = keras.backend.backend()
