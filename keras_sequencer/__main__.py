@@ -6,18 +6,12 @@ import sys
 
 
 def _convert(args) -> int:
-    import keras_sequencer as ks
-    from keras_sequencer.models import variant_config
-    from keras_sequencer.pretrained import assign, read_checkpoint
+    from keras_sequencer.pretrained import read_checkpoint, save_converted
 
     if not args.out.endswith(".weights.h5"):
         raise SystemExit(f"--out must end with .weights.h5 (Keras' weights format). Received: --out {args.out}")
-    config = variant_config(args.variant)
-    converted = ks.convert_state_dict(read_checkpoint(args.source), config)
-    model = ks.Sequencer2D(**config, weights=None, name=f"sequencer2d_{args.variant}", variant=args.variant)
-    assign(model, converted)
-    model.save_weights(args.out)
-    print(f"converted {len(converted)} variables of Sequencer2D-{args.variant.upper()} -> {args.out}")
+    count = save_converted(read_checkpoint(args.source), args.variant, args.out)
+    print(f"converted {count} variables of Sequencer2D-{args.variant.upper()} -> {args.out}")
     return 0
 
 

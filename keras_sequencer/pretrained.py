@@ -302,6 +302,28 @@ def _fetch_fallback(checkpoint: Checkpoint) -> str | None:
         return None
 
 
+def save_converted(state_dict: dict, variant: str, target: str) -> int:
+    """Converts a variant's timm / authors' state_dict and writes it as a Keras `.weights.h5`.
+
+    The file is written to a temporary name and renamed, so `target` never
+    holds a half-written file. Returns the number of converted variables.
+    """
+    from keras_sequencer.models.sequencer2d import Sequencer2D
+
+    config = variant_config(variant)
+    converted = convert_state_dict(state_dict, config)
+    reference = Sequencer2D(**config, weights=None, classifier_activation=None, name=f"sequencer2d_{variant}")
+    assign(reference, converted)
+    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(os.path.abspath(target)))
+    os.close(fd)
+    try:
+        reference.save_weights(tmp)
+        os.replace(tmp, target)
+    finally:
+        _remove(tmp)
+    return len(converted)
+
+
 def imagenet_weights_path(variant: str) -> str:
     """Path of the converted `.weights.h5` of a variant, fetching and converting once."""
     source = fetch_checkpoint(variant)
@@ -310,24 +332,11 @@ def imagenet_weights_path(variant: str) -> str:
     if os.path.exists(target):
         return target
     try:
-        state_dict = read_checkpoint(source)
-        from keras_sequencer.models.sequencer2d import Sequencer2D
-
-        config = variant_config(variant)
-        converted = convert_state_dict(state_dict, config)
-        reference = Sequencer2D(**config, weights=None, classifier_activation=None, name=f"sequencer2d_{variant}")
-        assign(reference, converted)
+        save_converted(read_checkpoint(source), variant, target)
     except ValueError as e:
         _remove(source)  # a corrupt or foreign file must not stay in the cache
         raise ValueError(
             f"The checkpoint downloaded for Sequencer2D-{variant.upper()} cannot be used and was "
             f"removed from the cache: {e}"
         ) from e
-    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(target))
-    os.close(fd)
-    try:
-        reference.save_weights(tmp)
-        os.replace(tmp, target)  # atomic: never a half-written file under the final name
-    finally:
-        _remove(tmp)
     return target
