@@ -1,7 +1,8 @@
-"""Command line: `python -m keras_sequencer {demo,train,convert,predict,manifest} ...`."""
+"""Command line: `python -m keras_sequencer {demo,train,convert,predict,export,manifest} ...`."""
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -59,6 +60,30 @@ def _train(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from keras_sequencer.export import export, load_calibration
+
+    calibration = None
+    if args.calibration:
+        size = tuple(args.input_size) if args.input_size else None
+        if size is None and os.path.isdir(args.calibration):
+            import keras
+
+            size = tuple(keras.saving.load_model(args.model).input_shape[1:3])
+        calibration = load_calibration(args.calibration, size)
+    report = export(args.model, args.output, format=args.format, input_size=args.input_size,
+                    batch_size=args.batch, quantize=args.quantize, calibration=calibration,
+                    lstm=args.lstm)  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {report['path']} ({report['format']}, {report['bytes'] / 2**20:.2f} MiB, input "
+              f"{tuple(report['input_shape'])})")  # fmt: skip
+        for op, count in report.get("ops", {}).items():
+            print(f"  {count:5d}  {op}")
+    return 0
+
+
 def _manifest(args) -> int:
     from keras_sequencer.pretrained import manifest
 
@@ -107,6 +132,20 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224, help="centre-crop size (resize to size/0.875 first)")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(run=_predict)
+
+    p = commands.add_parser("export", help="export a .keras model to TFLite (builtin ops), ONNX or a SavedModel")
+    p.add_argument("model", help="a .keras file (from any backend; conversion runs on TensorFlow)")
+    p.add_argument("--format", choices=("tflite", "onnx", "saved_model"), default="tflite")
+    p.add_argument("--output", required=True, help=".tflite / .onnx file, or SavedModel folder")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="export size; required when the model takes any size")  # fmt: skip
+    p.add_argument("--batch", type=int, default=1, help="TFLite's fixed batch (ONNX/SavedModel: any batch)")
+    p.add_argument("--quantize", choices=("float16", "dynamic", "int8"), default=None, help="TFLite only")
+    p.add_argument("--calibration", default=None, help="int8: a .npy of images (n, H, W, 3) or an image folder")
+    p.add_argument("--lstm", choices=("auto", "while", "unrolled", "fused"), default="auto",
+                   help="TFLite lowering of the LSTMs (fused: stateful LSTM kernels)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    p.set_defaults(run=_export)
 
     p = commands.add_parser("manifest", help="print the pretrained-weights registry as JSON")
     p.set_defaults(run=_manifest)

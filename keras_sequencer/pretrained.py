@@ -217,7 +217,14 @@ def load_weights(model: keras.Model, weights: str, config: dict, variant: str | 
 
 
 def _keras_home() -> str:
-    return os.path.expanduser(os.environ.get("KERAS_HOME") or keras.config.keras_home())
+    """Keras' own base folder: `$KERAS_HOME`, else `~/.keras` (Keras' choice, where readable)."""
+    if os.environ.get("KERAS_HOME"):
+        return os.path.expanduser(os.environ["KERAS_HOME"])
+    try:  # not public API (keras.config has no keras_home in 3.15); it knows Keras' /tmp fallback
+        from keras.src.backend.config import keras_home
+    except ImportError:
+        return os.path.expanduser(os.path.join("~", ".keras"))
+    return os.path.expanduser(keras_home())
 
 
 def cache_dir() -> str:

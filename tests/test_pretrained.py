@@ -12,9 +12,11 @@ import hashlib
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 
-from conftest import REPO, TINY, authors_layout, normalise, timm_logits, timm_model, timm_state_dict, to_numpy
+from conftest import BACKEND, REPO, TINY, authors_layout, normalise, timm_logits, timm_model, timm_state_dict, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -150,6 +152,29 @@ def test_offline_fails_fast_naming_the_file(monkeypatch, tmp_path):
     assert "weights='/path/to/model.safetensors'" in message
     assert message.endswith("Received: weights='imagenet'")
     assert _cache_files() == []
+
+
+def test_default_cache_is_under_keras_home_without_the_env_var(tmp_path):
+    # The path most users take: no KERAS_HOME, so Keras' own base folder (~/.keras) holds the cache.
+    code = (
+        "import dataclasses, keras_sequencer as ks\n"
+        "from keras_sequencer import pretrained\n"
+        "c = pretrained.CHECKPOINTS['s']\n"
+        "pretrained.CHECKPOINTS['s'] = dataclasses.replace(c, fallback_url='http://127.0.0.1:9/s.pth')\n"
+        "print('CACHE', pretrained.cache_dir())\n"
+        "try:\n"
+        "    ks.Sequencer2DS(weights='imagenet')\n"
+        "except ValueError as e:\n"
+        "    print('OFFLINE', 'weights=' in str(e))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_HOME"}
+    env.update(HOME=str(tmp_path), KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3",
+               **{pretrained.HUB_URL_ENV: "http://127.0.0.1:9"})  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("CACHE", "OFFLINE")))
+    assert said == {"CACHE": str(tmp_path / ".keras" / "models" / "keras_sequencer"), "OFFLINE": "True"}
+    assert os.path.isdir(said["CACHE"])
 
 
 def test_checkpoint_paths_in_every_format(tmp_path):

@@ -1,6 +1,7 @@
 """BiLSTM2D: the token mixer of Sequencer2D."""
 
 import contextlib
+import contextvars
 import functools
 
 import keras
@@ -8,6 +9,21 @@ from keras import ops
 
 _SHARING_KEYS = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_map")
 IMPLEMENTATIONS = ("auto", "keras", "fused")
+
+# Set only by exporters (`keras_sequencer.export`) while they trace a model: a
+# function `(layer, x) -> mixed` that replaces `_mix` for every BiLSTM2D, or
+# "keras" to force the Bidirectional(LSTM) sublayers. None: the layer decides.
+_MIX_OVERRIDE = contextvars.ContextVar("keras_sequencer_mix_override", default=None)
+
+
+@contextlib.contextmanager
+def mix_override(override):
+    """Within this block every BiLSTM2D mixes tokens with `override` (see `_MIX_OVERRIDE`)."""
+    token = _MIX_OVERRIDE.set(override)
+    try:
+        yield
+    finally:
+        _MIX_OVERRIDE.reset(token)
 
 
 @functools.cache  # asked on every call of every block; the answer is fixed per process
@@ -139,6 +155,11 @@ class BiLSTM2D(keras.layers.Layer):
 
     def _mix(self, x, training=None):
         """The two BiLSTM scans, concatenated as [v_fwd, v_bwd, h_fwd, h_bwd]."""
+        override = _MIX_OVERRIDE.get()
+        if override == "keras":
+            return self._mix_keras(x)
+        if override is not None:
+            return override(self, x)
         static = x.shape[1] is not None and x.shape[2] is not None
         if self.implementation == "fused" and not static:
             raise ValueError(

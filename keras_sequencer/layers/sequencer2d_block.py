@@ -1,10 +1,22 @@
 """Sequencer2DBlock: BiLSTM2D token mixing plus an MLP, both residual."""
 
+import math
+
 import keras
 from keras import ops
 
 from keras_sequencer.layers.bilstm2d import BiLSTM2D
 from keras_sequencer.layers.stochastic_depth import StochasticDepth
+
+
+def _gelu(x):
+    """Exact (erf) GELU, as PyTorch's `nn.GELU()`.
+
+    Written out rather than `ops.gelu(approximate=False)`: TensorFlow's
+    version calls `erfc`, which tf2onnx cannot export, while this form becomes
+    one GELU op in TFLite and Erf in ONNX. Same function, within float32 rounding.
+    """
+    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -75,7 +87,7 @@ class Sequencer2DBlock(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = inputs
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x), training=training), training=training)
-        mlp = self.fc2(ops.gelu(self.fc1(self.norm2(x)), approximate=False))
+        mlp = self.fc2(_gelu(self.fc1(self.norm2(x))))
         return x + self.drop_path(mlp, training=training)
 
     def compute_output_shape(self, input_shape):
