@@ -1,4 +1,4 @@
-"""Command line: `python -m keras_sequencer {demo,train,convert,predict,export,manifest} ...`."""
+"""Command line: `python -m keras_sequencer {demo,train,convert,predict,export,bench,manifest} ...`."""
 
 import argparse
 import json
@@ -84,6 +84,16 @@ def _export(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from keras_sequencer.bench import run
+
+    run(variants=args.variants, backends=args.backends, paths=args.paths, batch_sizes=args.batch_sizes,
+        size=args.size, runs=args.runs, warmup=args.warmup, train=not args.no_train, memory=not args.no_memory,
+        memory_size=args.memory_size, tflite=not args.no_tflite, output=args.output)  # fmt: skip
+    print(f"wrote {args.output}/bench.json, bench.md, bench.png")
+    return 0
+
+
 def _manifest(args) -> int:
     from keras_sequencer.pretrained import manifest
 
@@ -146,6 +156,22 @@ def main(argv=None) -> int:
                    help="TFLite lowering of the LSTMs (fused: stateful LSTM kernels)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(run=_export)
+
+    p = commands.add_parser("bench", help="time ours against timm (every backend, both paths), table/JSON/PNG")
+    p.add_argument("--variants", nargs="+", choices=("s", "m", "l"), default=["s"])
+    p.add_argument("--backends", nargs="+", choices=("tensorflow", "jax", "torch"), default=None,
+                   help="default: every installed backend")  # fmt: skip
+    p.add_argument("--paths", nargs="+", choices=("keras", "fused"), default=["keras", "fused"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory-size", type=int, default=448)
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-tflite", action="store_true")
+    p.add_argument("--output", default="benchmarks/results")
+    p.set_defaults(run=_bench)
 
     p = commands.add_parser("manifest", help="print the pretrained-weights registry as JSON")
     p.set_defaults(run=_manifest)

@@ -1,0 +1,313 @@
+"""`python -m keras_sequencer bench`: our Sequencer2D against timm's, in one run.
+
+Every engine runs in its own fresh process (a Keras backend is fixed per
+process, and TensorFlow's thread pools slow anything sharing its process):
+timm (PyTorch), Keras on each requested backend with each forward path
+(`implementation="keras"` / `"fused"`), and optionally the float32 TFLite
+export in the LiteRT interpreter. Each process times, per variant and batch
+size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
+training step (forward + backward + AdamW), after warm-up calls, as the
+median of `runs` calls; a separate process per engine measures the peak
+memory of one inference at `memory_size` (increase of the process' peak RSS
+over its RSS once the model is built: it includes compilation, e.g. XLA).
+
+The result: a table with images/s and the ratio to timm (same machine, same
+run), a JSON file with every number and the versions, and a PNG chart.
+It is a benchmark, never a test: absolute figures mean little on a shared CPU.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("s", "m", "l")
+BACKENDS = ("tensorflow", "jax", "torch")
+PATHS = ("keras", "fused")
+
+
+def _median_seconds(fn, runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------- workers (one process each)
+
+
+def _timm_worker(job):
+    import numpy as np
+    import timm
+    import torch
+
+    rows = []
+    for variant in job["variants"]:
+        model = timm.create_model(f"sequencer2d_{variant}", pretrained=False).eval()
+        if job["memory"]:
+            side = job["memory_size"]
+            x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, side, side)).astype("float32"))
+            before = _rss_bytes()
+            with torch.no_grad():
+                model(x)
+            rows.append({"task": "memory", "variant": variant, "batch": 1, "size": job["memory_size"],
+                         "peak_bytes": _peak_rss_bytes() - before})  # fmt: skip
+            continue
+        for batch in job["batch_sizes"]:
+            shape = (batch, 3, job["size"], job["size"])
+            x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype("float32"))
+            with torch.no_grad():
+                seconds = _median_seconds(lambda x=x, model=model: model(x), job["runs"], job["warmup"])
+            rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
+        if job["train"]:
+            batch = max(job["batch_sizes"])
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+            x = torch.randn(batch, 3, job["size"], job["size"])
+            y = torch.randint(0, 1000, (batch,))
+
+            def step(model=model, optimizer=optimizer, x=x, y=y):
+                optimizer.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+
+            rows.append({"task": "train_step", "variant": variant, "batch": batch,
+                         "seconds": _median_seconds(step, job["runs"], job["warmup"])})  # fmt: skip
+    return rows
+
+
+def _keras_worker(job):
+    import keras
+    import numpy as np
+
+    import keras_sequencer as ks
+
+    builders = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}
+    rows = []
+    for variant in job["variants"]:
+        size = job["memory_size"] if job["memory"] else job["size"]
+        model = builders[variant](weights=None, input_shape=(size, size, 3), classifier_activation=None,
+                                  implementation=job["path"])  # fmt: skip
+        if job["memory"]:
+            x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
+            before = _rss_bytes()
+            model.predict_on_batch(x)
+            rows.append({"task": "memory", "variant": variant, "batch": 1, "size": size,
+                         "peak_bytes": _peak_rss_bytes() - before})  # fmt: skip
+            continue
+        for batch in job["batch_sizes"]:
+            x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+            seconds = _median_seconds(lambda x=x, model=model: model.predict_on_batch(x), job["runs"], job["warmup"])
+            rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
+        if job["train"]:
+            batch = max(job["batch_sizes"])
+            model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+            x = np.random.default_rng(1).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+            y = np.random.default_rng(2).integers(0, 1000, (batch,))
+            seconds = _median_seconds(
+                lambda model=model, x=x, y=y: model.train_on_batch(x, y), job["runs"], job["warmup"]
+            )
+            rows.append({"task": "train_step", "variant": variant, "batch": batch, "seconds": seconds})
+    return rows
+
+
+def _tflite_export_worker(job):
+    """TensorFlow backend: writes the float32 TFLite files the timing worker will run."""
+    import keras_sequencer as ks
+    from keras_sequencer.export import export
+
+    builders = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}
+    files = []
+    for variant in job["variants"]:
+        model = builders[variant](weights=None, input_shape=(job["size"], job["size"], 3), classifier_activation=None)
+        path = os.path.join(job["folder"], f"{variant}.tflite")
+        report = export(model, path, batch_size=1)
+        files.append({"variant": variant, "path": path, "lstm": report["lstm"]})
+    return files
+
+
+def _tflite_time_worker(job):
+    from ai_edge_litert.interpreter import Interpreter
+    import numpy as np
+
+    rows = []
+    for item in job["files"]:
+        interpreter = Interpreter(model_path=item["path"], num_threads=os.cpu_count())
+        interpreter.allocate_tensors()
+        (inp,) = interpreter.get_input_details()
+        x = np.random.default_rng(0).uniform(0, 255, inp["shape"]).astype("float32")
+
+        def call(interpreter=interpreter, inp=inp, x=x):
+            interpreter.set_tensor(inp["index"], x)
+            interpreter.invoke()
+
+        rows.append({"task": "inference", "variant": item["variant"], "batch": 1, "lstm": item["lstm"],
+                     "seconds": _median_seconds(call, job["runs"], job["warmup"])})  # fmt: skip
+    return rows
+
+
+_WORKERS = {"timm": _timm_worker, "keras": _keras_worker, "tflite_export": _tflite_export_worker,
+            "tflite_time": _tflite_time_worker}  # fmt: skip
+
+
+def _spawn(kind: str, job: dict, backend: str = "tensorflow"):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = "import json, sys; from keras_sequencer.bench import _run_worker; _run_worker(sys.argv[1], sys.argv[2])"
+    result = subprocess.run([sys.executable, "-c", code, kind, json.dumps(job)], capture_output=True, text=True,
+                            env=env)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark worker {kind} ({backend}) failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _run_worker(kind: str, job_json: str):
+    if kind == "timm":
+        import timm  # noqa: F401  (before anything that loads TensorFlow; see README, Known issues)
+    print(json.dumps(_WORKERS[kind](json.loads(job_json))))
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def run(
+    variants=("s",),
+    backends=None,
+    paths=PATHS,
+    batch_sizes=(1, 16),
+    size=224,
+    runs=5,
+    warmup=2,
+    train=True,
+    memory=True,
+    memory_size=448,
+    tflite=True,
+    output="benchmarks/results",
+    log=print,
+) -> dict:
+    """Runs the benchmark; returns `{"rows": [...], "machine": {...}}` and writes JSON, PNG and a table."""
+    backends = [b for b in (backends or BACKENDS) if _installed(b)]
+    job = {"variants": list(variants), "batch_sizes": list(batch_sizes), "size": size, "runs": runs,
+           "warmup": warmup, "train": train, "memory": False, "memory_size": memory_size}  # fmt: skip
+    rows = []
+
+    def add(engine, path, found):
+        for row in found:
+            rows.append({"engine": engine, "path": path, **row})
+
+    log("timm (PyTorch) ...")
+    add("timm", "-", _spawn("timm", job, backend="torch"))
+    for backend in backends:
+        for path in paths:
+            log(f"keras on {backend}, implementation={path} ...")
+            add(f"keras-{backend}", path, _spawn("keras", {**job, "path": path}, backend=backend))
+    if memory:
+        log(f"peak memory at {memory_size}x{memory_size} ...")
+        add("timm", "-", _spawn("timm", {**job, "memory": True}, backend="torch"))
+        for backend in backends:
+            for path in paths:
+                add(f"keras-{backend}", path, _spawn("keras", {**job, "memory": True, "path": path}, backend=backend))
+    if tflite and _installed("ai_edge_litert") and _installed("tensorflow"):
+        log("TFLite float32 (LiteRT) ...")
+        with tempfile.TemporaryDirectory() as folder:
+            files = _spawn("tflite_export", {**job, "folder": folder})
+            add("tflite", "auto", _spawn("tflite_time", {**job, "files": files}))
+    result = {"rows": _with_ratios(rows), "machine": _machine(), "settings": {**job, "paths": list(paths)}}
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = format_table(result["rows"])
+    with open(os.path.join(output, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    _plot(result["rows"], os.path.join(output, "bench.png"))
+    log(table)
+    return result
+
+
+def _with_ratios(rows):
+    """Adds images/s and, for time rows, speed vs timm (>1 = faster); memory rows get the ratio of bytes."""
+    reference = {(r["task"], r["variant"], r["batch"]): r for r in rows if r["engine"] == "timm"}
+    for row in rows:
+        base = reference.get((row["task"], row["variant"], row["batch"]))
+        if "seconds" in row:
+            row["images_per_s"] = row["batch"] / row["seconds"]
+            row["vs_timm"] = base["seconds"] / row["seconds"] if base else None
+        else:
+            row["vs_timm"] = row["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] > 0 else None
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = ["| task | variant | batch | engine | path | images/s or peak MiB | vs timm |", "|---" * 7 + "|"]
+    for row in sorted(rows, key=lambda r: (r["task"], r["variant"], r["batch"], r["engine"] != "timm", r["engine"],
+                                           r["path"])):  # fmt: skip
+        ratio = "-" if row["vs_timm"] is None else f"{row['vs_timm']:.2f}x"
+        if row["task"] == "memory":
+            value = f"{row['peak_bytes'] / 2**20:.0f} MiB @ {row['size']}²"
+            ratio = ratio.replace("x", "x mem")
+        else:
+            value = f"{row['images_per_s']:.2f}"
+        lines.append(f"| {row['task']} | {row['variant'].upper()} | {row['batch']} | {row['engine']} | "
+                     f"{row['path']} | {value} | {ratio} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["task"] != "memory"]
+    groups = sorted({(r["task"], r["variant"], r["batch"]) for r in timed})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        found = [r for r in timed if (r["task"], r["variant"], r["batch"]) == group]
+        labels = [r["engine"] + ("" if r["path"] in ("-", "auto") else f"\n{r['path']}") for r in found]
+        ax.bar(range(len(found)), [r["images_per_s"] for r in found],
+               color=["tab:gray" if r["engine"] == "timm" else "tab:blue" for r in found])  # fmt: skip
+        ax.set_xticks(range(len(found)), labels, rotation=60, fontsize=7)
+        ax.set(title=f"{group[0]}, {group[1].upper()}, batch {group[2]}", ylabel="images/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _machine() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("keras", "tensorflow", "tensorflow-cpu", "jax", "torch", "timm", "ai-edge-litert"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions}  # fmt: skip

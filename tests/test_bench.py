@@ -1,0 +1,44 @@
+"""`python -m keras_sequencer bench` at a toy size: it runs timm and this backend and writes its files.
+
+Speed is never asserted (a benchmark, not a timed test); the checks are that
+every engine ran, and that the table's ratios are the JSON's own timings.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import BACKEND, REPO
+import pytest
+
+
+# One pass is enough: the command spawns the same workers whatever backend runs pytest, and a full
+# bench (timm + Keras, inference, training, memory) takes minutes on JAX and TensorFlow at any size.
+@pytest.mark.skipif(BACKEND != "torch", reason="bench smoke test runs once, in the torch pass (fastest)")
+def test_bench_writes_table_json_and_png(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_sequencer", "bench", "--backends", BACKEND, "--paths", "keras", "fused",
+         "--batch-sizes", "1", "2", "--size", "28", "--memory-size", "42", "--runs", "1", "--warmup", "1",
+         "--no-tflite", "--output", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    engines = {(r["engine"], r["path"], r["task"], r["batch"]) for r in rows}
+    for path in ("keras", "fused"):
+        for task, batch in (("inference", 1), ("inference", 2), ("train_step", 2), ("memory", 1)):
+            assert (f"keras-{BACKEND}", path, task, batch) in engines
+            assert ("timm", "-", task, batch) in engines
+    timm = {(r["task"], r["batch"]): r for r in rows if r["engine"] == "timm"}
+    for row in rows:
+        if row["task"] == "memory":
+            assert row["peak_bytes"] > 0 and row["size"] == 42
+            assert abs(row["vs_timm"] - row["peak_bytes"] / timm[("memory", 1)]["peak_bytes"]) < 1e-9
+        else:
+            assert abs(row["images_per_s"] - row["batch"] / row["seconds"]) < 1e-9
+            assert abs(row["vs_timm"] - timm[(row["task"], row["batch"])]["seconds"] / row["seconds"]) < 1e-9
+            assert f"| {row['vs_timm']:.2f}x |" in result.stdout
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert (tmp_path / "bench.md").read_text().strip() in result.stdout
