@@ -7,7 +7,16 @@ weights are converted from the reference timm checkpoints.
 from keras_sequencer import layers
 from keras_sequencer.convert import convert_state_dict
 from keras_sequencer.imagenet import decode_predictions, preprocess_input
-from keras_sequencer.models import Sequencer2D, Sequencer2DL, Sequencer2DM, Sequencer2DS
+from keras_sequencer.models import (
+    Sequencer2D,
+    Sequencer2DL,
+    Sequencer2DM,
+    Sequencer2DS,
+    create_model,
+    feature_extractor,
+    list_models,
+    stage_info,
+)
 from keras_sequencer.pretrained import CHECKPOINTS
 
 __version__ = "0.1.0"
@@ -19,6 +28,10 @@ __all__ = [
     "Sequencer2DM",
     "Sequencer2DS",
     "convert_state_dict",
+    "create_model",
+    "feature_extractor",
+    "list_models",
+    "stage_info",
     "decode_predictions",
     "layers",
     "preprocess_input",

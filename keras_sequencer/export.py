@@ -236,6 +236,8 @@ def _tflite_mix(layer, x):
     """BiLSTM2D token mixing with one fusable LSTM call per direction (TensorFlow)."""
     import tensorflow as tf
 
+    if not layer._standard:
+        return layer._mix_keras(x)  # an ablation option: builtin WHILE loops
     wrappers = (layer.rnn_v, layer.rnn_h)
     cells = [cell for w in wrappers for cell in (w.forward_layer.cell, w.backward_layer.cell)]
     if not all(_is_standard_lstm(cell) for cell in cells):
@@ -266,6 +268,8 @@ def _tflite_mix(layer, x):
 
 
 def _unrolled_mix(layer, x):
+    if not layer._standard:
+        return layer._mix_keras(x)  # an ablation option: builtin WHILE loops
     return layer._mix_fused(x)  # static sizes here: the Python-unrolled batched recurrence
 
 

@@ -9,6 +9,9 @@ from keras import ops
 
 _SHARING_KEYS = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_map")
 IMPLEMENTATIONS = ("auto", "keras", "fused")
+RNN_TYPES = ("lstm", "gru", "rnn")
+UNIONS = ("cat", "add", "vertical", "horizontal")
+_RNN_LAYERS = {"lstm": "LSTM", "gru": "GRU", "rnn": "SimpleRNN"}
 
 # Set only by exporters (`keras_sequencer.export`) while they trace a model: a
 # function `(layer, x) -> mixed` that replaces `_mix` for every BiLSTM2D, or
@@ -102,9 +105,24 @@ class BiLSTM2D(keras.layers.Layer):
       slower to train (its unrolled loop differentiates worse than Keras'
       LSTM loop), so training keeps `"keras"`.
 
+    The paper's ablations (authors' `RNN2DBase`, timm's `RNN2dBase`) are
+    options; the defaults are the paper's mixer:
+    - `rnn_type`: `"lstm"`, `"gru"` (Keras GRU, `reset_after=True`, i.e.
+      PyTorch's formulation) or `"rnn"` (tanh SimpleRNN);
+    - `bidirectional=False`: forward-only RNNs (`hidden_size` channels each);
+    - `union`: `"cat"` (concatenate vertical and horizontal), `"add"` (sum
+      them), `"vertical"` or `"horizontal"` (that scan only);
+    - `with_fc=False`: no output projection; the mixed width must then equal
+      the input's channels.
+    Only the defaults have the fused path ("auto" uses "keras" otherwise).
+
     Args:
-        hidden_size: int, units of each directional LSTM.
+        hidden_size: int, units of each directional RNN.
         implementation: `"auto"`, `"keras"` or `"fused"` (see above).
+        rnn_type: `"lstm"`, `"gru"` or `"rnn"`.
+        bidirectional: bool, forward and backward RNNs (True) or forward only.
+        union: `"cat"`, `"add"`, `"vertical"` or `"horizontal"`.
+        with_fc: bool, whether a Dense layer projects back to the input width.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -114,7 +132,16 @@ class BiLSTM2D(keras.layers.Layer):
     (2, 8, 12, 192)
     """
 
-    def __init__(self, hidden_size: int, implementation: str = "auto", **kwargs):
+    def __init__(
+        self,
+        hidden_size: int,
+        implementation: str = "auto",
+        rnn_type: str = "lstm",
+        bidirectional: bool = True,
+        union: str = "cat",
+        with_fc: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(
@@ -125,33 +152,66 @@ class BiLSTM2D(keras.layers.Layer):
             raise ValueError(
                 f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
             )
+        if rnn_type not in RNN_TYPES:
+            raise ValueError(f"`rnn_type` must be one of {RNN_TYPES}. Received: rnn_type={rnn_type!r}")
+        if union not in UNIONS:
+            raise ValueError(f"`union` must be one of {UNIONS}. Received: union={union!r}")
         self.hidden_size = hidden_size
         self.implementation = implementation
+        self.rnn_type = rnn_type
+        self.bidirectional = bool(bidirectional)
+        self.union = union
+        self.with_fc = bool(with_fc)
+        # The paper's mixer; the fused path implements exactly this one.
+        self._standard = (rnn_type, self.bidirectional, union, self.with_fc) == ("lstm", True, "cat", True)
+        if implementation == "fused" and not self._standard:
+            raise ValueError(
+                "implementation='fused' implements the paper's mixer (bidirectional LSTMs, union='cat', "
+                "with_fc=True); use 'auto' or 'keras' for other options. Received: "
+                f"rnn_type={rnn_type!r}, bidirectional={bidirectional}, union={union!r}, with_fc={with_fc}"
+            )
         self.input_spec = keras.layers.InputSpec(ndim=4)
-        self.rnn_v = self._bidirectional_lstm("rnn_v")
-        self.rnn_h = self._bidirectional_lstm("rnn_h")
+        self.rnn_v = None if union == "horizontal" else self._sequence_layer("rnn_v")
+        self.rnn_h = None if union == "vertical" else self._sequence_layer("rnn_h")
         self.fc = None  # its width is the input's channel count, known in build()
 
-    def _bidirectional_lstm(self, name):
+    @property
+    def mixed_channels(self) -> int:
+        """Channels after mixing, before `fc`: directions x units, x2 for union='cat'."""
+        return (2 if self.bidirectional else 1) * self.hidden_size * (2 if self.union == "cat" else 1)
+
+    def _sequence_layer(self, name):
         # Explicit names keep variable paths stable ("rnn_v/forward_lstm/..."),
         # whatever else the process has built; the converter relies on them.
         with _outside_object_sharing():
-            lstm = keras.layers.LSTM(self.hidden_size, return_sequences=True, name="lstm", dtype=self.dtype_policy)
-            return keras.layers.Bidirectional(lstm, merge_mode="concat", name=name, dtype=self.dtype_policy)
+            cls = getattr(keras.layers, _RNN_LAYERS[self.rnn_type])
+            if not self.bidirectional:
+                return cls(self.hidden_size, return_sequences=True, name=name, dtype=self.dtype_policy)
+            rnn = cls(self.hidden_size, return_sequences=True, name=self.rnn_type, dtype=self.dtype_policy)
+            return keras.layers.Bidirectional(rnn, merge_mode="concat", name=name, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         channels = input_shape[-1]
         if channels is None:
             raise ValueError(f"BiLSTM2D needs a known channel count (last axis). Received: input_shape={input_shape}")
+        if not self.with_fc and self.mixed_channels != channels:
+            raise ValueError(
+                f"With with_fc=False the mixer's output ({self.mixed_channels} channels: union={self.union!r}, "
+                f"bidirectional={self.bidirectional}, hidden_size={self.hidden_size}) must equal the input's "
+                f"{channels} channels."
+            )
         sequence_shape = (None, None, channels)
-        self.rnn_v.build(sequence_shape)
-        self.rnn_h.build(sequence_shape)
-        self.fc = keras.layers.Dense(channels, name="fc", dtype=self.dtype_policy)
-        self.fc.build((None, None, None, 4 * self.hidden_size))
+        for rnn in (self.rnn_v, self.rnn_h):
+            if rnn is not None:
+                rnn.build(sequence_shape)
+        if self.with_fc:
+            self.fc = keras.layers.Dense(channels, name="fc", dtype=self.dtype_policy)
+            self.fc.build((None, None, None, self.mixed_channels))
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
 
     def call(self, inputs, training=None):
-        return self.fc(self._mix(inputs, training=training))
+        mixed = self._mix(inputs, training=training)
+        return self.fc(mixed) if self.fc is not None else mixed
 
     def _mix(self, x, training=None):
         """The two BiLSTM scans, concatenated as [v_fwd, v_bwd, h_fwd, h_bwd]."""
@@ -168,7 +228,7 @@ class BiLSTM2D(keras.layers.Layer):
                 f"Received: input shape={tuple(x.shape)}"
             )
         use_fused = self.implementation == "fused" or (
-            self.implementation == "auto" and static and not training and not _gpu_backs_keras_lstm()
+            self._standard and self.implementation == "auto" and static and not training and not _gpu_backs_keras_lstm()
         )
         return self._mix_fused(x) if use_fused else self._mix_keras(x)
 
@@ -231,23 +291,34 @@ class BiLSTM2D(keras.layers.Layer):
         )
 
     def _mix_keras(self, x):
-        """The Bidirectional(LSTM) sublayers, as composed layers."""
+        """The recurrent sublayers as composed Keras layers (any option)."""
         batch, height, width = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
         channels = x.shape[-1]
-        units = 2 * self.hidden_size
-        # Vertical: one sequence of length `height` per column.
-        columns = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, height, channels))
-        v = ops.reshape(self.rnn_v(columns), (batch, width, height, units))
-        v = ops.transpose(v, (0, 2, 1, 3))
-        # Horizontal: one sequence of length `width` per row.
-        rows = ops.reshape(x, (-1, width, channels))
-        h = ops.reshape(self.rnn_h(rows), (batch, height, width, units))
-        return ops.concatenate([v, h], axis=-1)
+        units = (2 if self.bidirectional else 1) * self.hidden_size
+        v = h = None
+        if self.rnn_v is not None:  # vertical: one sequence of length `height` per column
+            columns = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, height, channels))
+            v = ops.transpose(ops.reshape(self.rnn_v(columns), (batch, width, height, units)), (0, 2, 1, 3))
+        if self.rnn_h is not None:  # horizontal: one sequence of length `width` per row
+            rows = ops.reshape(x, (-1, width, channels))
+            h = ops.reshape(self.rnn_h(rows), (batch, height, width, units))
+        if v is None or h is None:
+            return h if v is None else v
+        return ops.concatenate([v, h], axis=-1) if self.union == "cat" else v + h
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update({"hidden_size": self.hidden_size, "implementation": self.implementation})
+        config.update(
+            {
+                "hidden_size": self.hidden_size,
+                "implementation": self.implementation,
+                "rnn_type": self.rnn_type,
+                "bidirectional": self.bidirectional,
+                "union": self.union,
+                "with_fc": self.with_fc,
+            }
+        )
         return config

@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_sequencer.layers.bilstm1d import BiLSTM1D
 from keras_sequencer.layers.bilstm2d import BiLSTM2D
 from keras_sequencer.layers.stochastic_depth import StochasticDepth
 
@@ -39,6 +40,10 @@ class Sequencer2DBlock(keras.layers.Layer):
         layer_norm_epsilon: float, epsilon of both LayerNorms.
         implementation: forward path of the token mixer, `"auto"`, `"keras"`
             or `"fused"` (see `BiLSTM2D`).
+        rnn_type, bidirectional, union, with_fc: the token mixer's ablation
+            options (see `BiLSTM2D`); `union` and `with_fc` apply to `"2d"`.
+        mixer: `"2d"` (`BiLSTM2D`, Sequencer2D) or `"1d"` (`BiLSTM1D` over
+            the flattened tokens, the paper's Vanilla Sequencer).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -53,9 +58,16 @@ class Sequencer2DBlock(keras.layers.Layer):
         drop_path_rate: float = 0.0,
         layer_norm_epsilon: float = 1e-6,
         implementation: str = "auto",
+        rnn_type: str = "lstm",
+        bidirectional: bool = True,
+        union: str = "cat",
+        with_fc: bool = True,
+        mixer: str = "2d",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if mixer not in ("2d", "1d"):
+            raise ValueError(f"`mixer` must be '2d' or '1d'. Received: mixer={mixer!r}")
         if mlp_ratio <= 0:
             raise ValueError(f"`mlp_ratio` must be positive. Received: mlp_ratio={mlp_ratio}")
         self.hidden_size = hidden_size
@@ -63,11 +75,21 @@ class Sequencer2DBlock(keras.layers.Layer):
         self.drop_path_rate = float(drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.implementation = implementation
+        self.rnn_type = rnn_type
+        self.bidirectional = bool(bidirectional)
+        self.union = union
+        self.with_fc = bool(with_fc)
+        self.mixer = mixer
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
         dtype = self.dtype_policy
         self.norm1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm1", dtype=dtype)
-        self.rnn_tokens = BiLSTM2D(hidden_size, implementation, name="rnn_tokens", dtype=dtype)
+        if mixer == "2d":
+            self.rnn_tokens = BiLSTM2D(hidden_size, implementation, rnn_type=rnn_type, bidirectional=bidirectional,
+                                       union=union, with_fc=with_fc, name="rnn_tokens", dtype=dtype)  # fmt: skip
+        else:
+            self.rnn_tokens = BiLSTM1D(hidden_size, rnn_type=rnn_type, bidirectional=bidirectional, name="rnn_tokens",
+                                       dtype=dtype)  # fmt: skip
         self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm2", dtype=dtype)
         self.drop_path = StochasticDepth(drop_path_rate, name="drop_path", dtype=dtype)
         self.fc1 = None  # widths depend on the channel count, known in build()
@@ -102,6 +124,11 @@ class Sequencer2DBlock(keras.layers.Layer):
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "implementation": self.implementation,
+                "rnn_type": self.rnn_type,
+                "bidirectional": self.bidirectional,
+                "union": self.union,
+                "with_fc": self.with_fc,
+                "mixer": self.mixer,
             }
         )
         return config

@@ -124,6 +124,11 @@ def Sequencer2D(
     name: str = "sequencer2d",
     variant: str | None = None,
     implementation: str = "auto",
+    rnn_type: str = "lstm",
+    bidirectional: bool = True,
+    union: str = "cat",
+    with_fc: bool = True,
+    mixer: str = "2d",
 ) -> keras.Model:
     """Builds a Sequencer2D image classifier (or feature extractor).
 
@@ -162,6 +167,13 @@ def Sequencer2D(
         implementation: forward path of every `BiLSTM2D`: `"auto"`,
             `"keras"` (Bidirectional LSTM layers, cuDNN on GPU) or `"fused"`
             (all four directions batched); same weights, same results.
+        rnn_type, bidirectional, union, with_fc: the paper's ablations of the
+            token mixer (`"lstm"`/`"gru"`/`"rnn"`; forward-only; `"cat"`/
+            `"add"`/`"vertical"`/`"horizontal"`; without the output Dense);
+            see `BiLSTM2D`. The defaults are the paper's model.
+        mixer: `"2d"` (Sequencer2D) or `"1d"`: one bidirectional RNN over the
+            flattened tokens, the paper's Vanilla Sequencer (`BiLSTM1D`).
+        Named ablation configs: `keras_sequencer.create_model(name)`.
 
     Returns:
         A `Sequencer2DModel` (a functional `keras.Model`).
@@ -233,6 +245,11 @@ def Sequencer2D(
                 drop_path_rate=rate,
                 layer_norm_epsilon=layer_norm_epsilon,
                 implementation=implementation,
+                rnn_type=rnn_type,
+                bidirectional=bidirectional,
+                union=union,
+                with_fc=with_fc,
+                mixer=mixer,
                 name=f"stage{stage}_block{block}",
             )(x)
             block_index += 1

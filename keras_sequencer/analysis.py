@@ -1,0 +1,193 @@
+"""Research tools: accuracy against test resolution, and effective receptive fields.
+
+- `evaluate_resolutions` / `python -m keras_sequencer eval-resolution`: one
+  model (weights trained at one size) evaluated at several test resolutions
+  with the evaluation crop (bicubic resize to `size / crop_pct`, centre crop),
+  as in the paper's resolution-adaptability study; JSON + PNG.
+- `effective_receptive_field` / `python -m keras_sequencer erf`: how much each
+  input pixel moves the centre token of a stage's output, as the authors'
+  `generate_erf.py` does it (after RepLKNet): for every image, the gradient of
+  `sum_c relu(F[centre, c])` with respect to the input, rectified and summed
+  over input channels, averaged over images; plotted as `log10(erf + 1)`
+  scaled to [0, 1]. Gradients use each backend's own autodiff.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from keras_sequencer.models.registry import stage_info
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def evaluate_resolutions(model, dataset, resolutions, crop_pct: float = 0.875, batch_size: int = 64) -> dict:
+    """Top-1 accuracy of `model` on `dataset` at each square test resolution.
+
+    Args:
+        model: a classifier taking any image size (`input_shape=(None, None, C)`),
+            on the same pixel scale as the dataset's images.
+        dataset: a `tf.data.Dataset` of `(image, label)` (any image size), e.g.
+            from `keras_sequencer.data.tfds_source` or `folder_source`.
+        resolutions: test sizes, e.g. `(160, 192, 224, 256, 288, 320, 384, 448)`.
+
+    Returns:
+        `{"resolutions": [...], "accuracy": [...], "images": n}`.
+    """
+    import tensorflow as tf
+
+    from keras_sequencer.data import eval_transform
+
+    _, height, width, _ = model.input_shape
+    if height is not None or width is not None:
+        raise ValueError(
+            f"The model takes only {height}x{width} images; evaluating other resolutions needs one built with "
+            "input_shape=(None, None, channels) (Sequencer weights are size independent: load them into it)."
+        )
+    accuracies, count = [], 0
+    for size in resolutions:
+        minimum = getattr(model, "min_image_size", 1)
+        if size < minimum:
+            raise ValueError(f"Resolution {size} is below the model's minimum {minimum}.")
+        batches = (
+            dataset.map(lambda image, label, s=size: (eval_transform(image, s, crop_pct), label),
+                        num_parallel_calls=tf.data.AUTOTUNE)  # fmt: skip
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        correct = count = 0
+        for images, labels in batches.as_numpy_iterator():
+            predictions = keras.ops.convert_to_numpy(model.predict_on_batch(images)).argmax(-1)
+            correct += int((predictions == labels).sum())
+            count += len(labels)
+        accuracies.append(correct / max(count, 1))
+    return {"resolutions": [int(r) for r in resolutions], "accuracy": accuracies, "images": count}
+
+
+def plot_resolution_curve(result: dict, path: str, title: str = "Accuracy against test resolution", trained_at=None):
+    """Writes the accuracy-resolution curve as a PNG (and the numbers beside it as JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(result["resolutions"], [100 * a for a in result["accuracy"]], marker="o")
+    if trained_at:
+        ax.axvline(trained_at, color="gray", linestyle=":", label=f"trained at {trained_at}")
+        ax.legend()
+    ax.set(xlabel="test resolution (pixels)", ylabel="top-1 accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+
+
+# ---------------------------------------------------------------------------- ERF
+
+
+def _stage_model(model, stage):
+    info = stage_info(model)
+    try:
+        chosen = info[stage]
+    except IndexError:
+        raise ValueError(f"`stage` must index one of {[i['name'] for i in info]}. Received: stage={stage}") from None
+    return keras.Model(model.inputs, model.get_layer(chosen["layer"]).output)
+
+
+def _centre_objective(features):
+    """sum_c relu(F[:, H//2, W//2, c]): the centre token's response."""
+    ops = keras.ops
+    height, width = features.shape[1], features.shape[2]
+    return ops.sum(ops.relu(features[:, height // 2, width // 2, :]))
+
+
+def input_gradient(model, images) -> np.ndarray:
+    """d objective / d images for `objective = _centre_objective(model(images))`, on any backend."""
+    backend = keras.backend.backend()
+    images = np.asarray(images, dtype="float32")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(images)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            objective = _centre_objective(model(x, training=False))
+        return tape.gradient(objective, x).numpy()
+    if backend == "torch":
+        import torch
+
+        x = torch.tensor(images, requires_grad=True, device=keras.backend.core.get_device())
+        _centre_objective(model(x, training=False)).backward()
+        return x.grad.detach().cpu().numpy()
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def objective(x):
+            features, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+            return _centre_objective(features)
+
+        return np.asarray(jax.grad(objective)(images))
+    raise ValueError(f"input_gradient supports the tensorflow, jax and torch backends. Received: {backend}")
+
+
+def effective_receptive_field(model, images, stage: int = -1) -> np.ndarray:
+    """The ERF map `(height, width)` of a stage's centre token, averaged over `images`.
+
+    Args:
+        model: a Sequencer model (any of this package's builders or a `.keras` file of one).
+        images: `(n, height, width, channels)` as the model takes them.
+        stage: which stage's output (`stage_info(model)` order; -1 = last).
+    """
+    stage_model = _stage_model(model, stage)
+    total = None
+    for image in np.asarray(images, dtype="float32"):
+        contribution = np.maximum(input_gradient(stage_model, image[None]), 0.0).sum(axis=(0, -1))
+        total = contribution if total is None else total + contribution
+    return total / len(images)
+
+
+def erf_for_display(erf: np.ndarray) -> np.ndarray:
+    """`log10(erf + 1)` scaled to [0, 1], the authors' display transform."""
+    shown = np.log10(erf + 1.0)
+    return shown / shown.max() if shown.max() > 0 else shown
+
+
+def erf_area_ratios(erf: np.ndarray, thresholds=(0.2, 0.3, 0.5, 0.99)) -> dict:
+    """Smallest centred square holding each fraction of the (display-scaled) ERF mass, as a share of the image."""
+    shown = erf_for_display(erf)
+    total = shown.sum()
+    height, width = shown.shape
+    ratios = {}
+    for t in thresholds:
+        for half in range(0, max(height, width)):
+            top, left = max(height // 2 - half, 0), max(width // 2 - half, 0)
+            window = shown[top : height // 2 + half + 1, left : width // 2 + half + 1]
+            if window.sum() >= t * total:
+                ratios[str(t)] = window.size / shown.size
+                break
+    return ratios
+
+
+def plot_erf(erf: np.ndarray, path: str, title: str = "Effective receptive field"):
+    """Writes the ERF heatmap as a PNG and its raw numbers as `.npy` beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    shown = ax.imshow(erf_for_display(erf), cmap="RdYlGn", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax)
+    ax.set(title=title, xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    np.save(os.path.splitext(path)[0] + ".npy", erf)
