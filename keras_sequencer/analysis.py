@@ -52,8 +52,10 @@ def evaluate_resolutions(model, dataset, resolutions, crop_pct: float = 0.875, b
         if size < minimum:
             raise ValueError(f"Resolution {size} is below the model's minimum {minimum}.")
         batches = (
-            dataset.map(lambda image, label, s=size: (eval_transform(image, s, crop_pct), label),
-                        num_parallel_calls=tf.data.AUTOTUNE)  # fmt: skip
+            dataset.map(
+                lambda image, label, s=size: (eval_transform(image, s, crop_pct), label),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )  # fmt: skip
             .batch(batch_size)
             .prefetch(tf.data.AUTOTUNE)
         )
