@@ -1,4 +1,4 @@
-"""Command line: `python -m keras_sequencer {demo,train,convert,predict,export,bench,manifest} ...`."""
+"""Command line: `python -m keras_sequencer COMMAND ...` (run with --help for the list)."""
 
 import argparse
 import json
@@ -94,6 +94,68 @@ def _bench(args) -> int:
     return 0
 
 
+def _research_model(args):
+    import keras
+
+    import keras_sequencer as ks
+
+    if args.model:
+        return keras.saving.load_model(args.model)
+    weights = None if args.weights == "none" else args.weights
+    return ks.create_model(f"sequencer2d_{args.variant}", weights=weights, input_shape=(None, None, 3))
+
+
+def _eval_resolution(args) -> int:
+    from keras_sequencer import data
+    from keras_sequencer.analysis import evaluate_resolutions, plot_resolution_curve
+
+    kind, _, location = args.dataset.partition(":")
+    if kind == "tfds":
+        source, _ = data.tfds_source(location, args.split, args.data_dir)
+    elif kind == "folder":
+        source, _ = data.folder_source(location)
+    elif args.dataset == "fashion_mnist":
+        import tensorflow as tf
+
+        (x_train, y_train), (x_test, y_test) = data.load_fashion_mnist(args.data_dir)
+        images, labels = (x_test, y_test) if args.split == "test" else (x_train, y_train)
+        source = tf.data.Dataset.from_tensor_slices((images, labels.astype("int64")))
+    else:
+        raise ValueError(f"--dataset must be tfds:NAME, folder:PATH or fashion_mnist. Received: {args.dataset}")
+    if args.limit:
+        source = source.take(args.limit)
+    result = evaluate_resolutions(_research_model(args), source, args.resolutions, crop_pct=args.crop_pct,
+                                  batch_size=args.batch_size)  # fmt: skip
+    os.makedirs(args.output, exist_ok=True)
+    plot_resolution_curve(result, os.path.join(args.output, "resolution.png"), trained_at=args.trained_at)
+    for size, accuracy in zip(result["resolutions"], result["accuracy"], strict=True):
+        print(f"  {size:5d}px  top-1 {100 * accuracy:6.2f} %")
+    print(f"{result['images']} images; wrote {args.output}/resolution.png and resolution.json")
+    return 0
+
+
+def _erf(args) -> int:
+    import numpy as np
+
+    from keras_sequencer.analysis import effective_receptive_field, erf_area_ratios, plot_erf
+    from keras_sequencer.imagenet import load_image
+
+    paths = []
+    for item in args.images:
+        if os.path.isdir(item):
+            paths += [os.path.join(item, n) for n in sorted(os.listdir(item))
+                      if n.lower().endswith((".jpg", ".jpeg", ".png", ".bmp"))]  # fmt: skip
+        else:
+            paths.append(item)
+    if not paths:
+        raise ValueError(f"No images found in {args.images}")
+    images = np.stack([load_image(p, size=args.size) for p in paths])
+    erf = effective_receptive_field(_research_model(args), images, stage=args.stage)
+    plot_erf(erf, args.output, title=f"ERF, stage {args.stage}, {len(paths)} images")
+    print(f"wrote {args.output} (+ .npy); high-contribution area ratios: {erf_area_ratios(erf)}")
+    return 0
+
+
 def _manifest(args) -> int:
     from keras_sequencer.pretrained import manifest
 
@@ -172,6 +234,30 @@ def main(argv=None) -> int:
     p.add_argument("--no-tflite", action="store_true")
     p.add_argument("--output", default="benchmarks/results")
     p.set_defaults(run=_bench)
+
+    for command, helptext in (("eval-resolution", "accuracy of one checkpoint at several test resolutions (PNG)"),
+                              ("erf", "effective receptive field of a stage, averaged over images (PNG)")):  # fmt: skip
+        p = commands.add_parser(command, help=helptext)
+        p.add_argument("--model", default=None, help="a .keras file (taking any size); else --variant/--weights")
+        p.add_argument("--variant", choices=("s", "m", "l"), default="s")
+        p.add_argument("--weights", default="imagenet", help="imagenet, none, or a checkpoint path")
+        if command == "erf":
+            p.add_argument("--stage", type=int, default=-1, help="stage index (-1: the last)")
+            p.add_argument("--images", nargs="+", required=True, help="image files or folders")
+            p.add_argument("--size", type=int, default=224)
+            p.add_argument("--output", default="reports/erf.png")
+            p.set_defaults(run=_erf)
+        else:
+            p.add_argument("--dataset", required=True, help="tfds:NAME (prepared), folder:PATH or fashion_mnist")
+            p.add_argument("--split", default="test")
+            p.add_argument("--data-dir", default=None)
+            p.add_argument("--resolutions", type=int, nargs="+", default=[160, 192, 224, 256, 288, 320, 384, 448])
+            p.add_argument("--crop-pct", type=float, default=0.875)
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--limit", type=int, default=None, help="only the first N images")
+            p.add_argument("--trained-at", type=int, default=224, help="marked on the plot")
+            p.add_argument("--output", default="reports/resolution")
+            p.set_defaults(run=_eval_resolution)
 
     p = commands.add_parser("manifest", help="print the pretrained-weights registry as JSON")
     p.set_defaults(run=_manifest)

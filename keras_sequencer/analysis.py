@@ -121,9 +121,7 @@ def input_gradient(model, images) -> np.ndarray:
             objective = _centre_objective(model(x, training=False))
         return tape.gradient(objective, x).numpy()
     if backend == "torch":
-        import torch
-
-        x = torch.tensor(images, requires_grad=True, device=keras.backend.core.get_device())
+        x = keras.ops.convert_to_tensor(images).detach().requires_grad_(True)  # on Keras' device
         _centre_objective(model(x, training=False)).backward()
         return x.grad.detach().cpu().numpy()
     if backend == "jax":

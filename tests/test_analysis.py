@@ -1,0 +1,115 @@
+"""Feature maps, accuracy against resolution, and effective receptive fields on real images."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import BACKEND, REPO, TINY, to_numpy
+import keras
+import numpy as np
+import pytest
+
+import keras_sequencer as ks
+from keras_sequencer.analysis import effective_receptive_field, erf_for_display
+
+
+@pytest.mark.parametrize("size", [(224, 224), (112, 196)])
+def test_feature_extractor_gives_every_stage_with_its_stride(size):
+    backbone = ks.Sequencer2DS(weights=None, include_top=False)
+    info = ks.stage_info(backbone)
+    assert [(i["name"], i["stride"], i["channels"]) for i in info] == [
+        ("stage0", 7, 192), ("stage1", 14, 384), ("stage2", 14, 384), ("stage3", 14, 384)
+    ]  # fmt: skip
+    extractor = ks.feature_extractor(backbone)
+    images = np.random.default_rng(0).uniform(0, 255, (1, *size, 3)).astype("float32")
+    features = {k: to_numpy(v) for k, v in extractor.predict_on_batch(images).items()}
+    for entry in info:
+        assert features[entry["name"]].shape == (1, size[0] // entry["stride"], size[1] // entry["stride"],
+                                                 entry["channels"])  # fmt: skip
+    # The last stage, through the model's final LayerNorm, is the headless model's output.
+    normed = to_numpy(backbone.get_layer("norm")(features["stage3"]))
+    np.testing.assert_allclose(normed, to_numpy(backbone.predict_on_batch(images)), rtol=0, atol=1e-5)
+
+
+def _photos(size):
+    """Two real photographs shipped with scikit-image, resized, normalised to about [-1, 1]."""
+    import skimage.data
+    from skimage.transform import resize
+
+    photos = [skimage.data.chelsea(), skimage.data.coffee()]
+    return np.stack([resize(p, (size, size), anti_aliasing=True) * 2 - 1 for p in photos]).astype("float32")
+
+
+def test_erf_equals_finite_differences_on_photos():
+    keras.utils.set_random_seed(1)
+    model = ks.Sequencer2D(**TINY, weights=None, include_preprocessing=False, include_top=False)
+    images = _photos(16)
+    erf = effective_receptive_field(model, images, stage=-1)
+    assert erf.shape == (16, 16) and erf.max() > 0
+
+    # Direct: central differences of sum_c relu(F[centre]) for every input value, one image at a time.
+    stage = keras.Model(model.inputs, model.get_layer(ks.stage_info(model)[-1]["layer"]).output)
+    eps, expected = 1e-2, np.zeros((16, 16))
+    for image in images.astype("float64"):
+        steps = np.eye(image.size).reshape(image.size, *image.shape) * eps
+        batch = np.concatenate([image + steps, image - steps]).astype("float32")
+        features = to_numpy(stage.predict(batch, batch_size=256, verbose=0))
+        centre = np.maximum(features[:, features.shape[1] // 2, features.shape[2] // 2, :], 0).sum(-1)
+        gradient = ((centre[: image.size] - centre[image.size :]) / (2 * eps)).reshape(image.shape)
+        expected += np.maximum(gradient, 0).sum(-1)
+    expected /= len(images)
+    np.testing.assert_allclose(erf, expected, rtol=0, atol=5e-3 * expected.max())  # float32 FD noise
+    assert erf_for_display(erf).max() == pytest.approx(1.0)
+
+
+def _cli(*args):
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "keras_sequencer", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=900)  # fmt: skip
+
+
+def test_erf_command_writes_the_plot_of_its_numbers(tmp_path):
+    from PIL import Image
+    import skimage.data
+
+    from keras_sequencer.imagenet import load_image
+
+    for name in ("astronaut", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(tmp_path / f"{name}.png")
+    keras.utils.set_random_seed(2)
+    model = ks.Sequencer2D(**TINY, weights=None, include_top=False)
+    model.save(tmp_path / "tiny.keras")
+    result = _cli("erf", "--model", tmp_path / "tiny.keras", "--images", tmp_path, "--size", 32, "--stage", 1,
+                  "--output", tmp_path / "erf.png")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "erf.png").stat().st_size > 5_000
+    plotted = np.load(tmp_path / "erf.npy")
+    images = np.stack([load_image(str(tmp_path / f"{n}.png"), size=32) for n in ("astronaut", "rocket")])
+    np.testing.assert_allclose(plotted, effective_receptive_field(model, images, stage=1), rtol=1e-4, atol=1e-7)
+
+
+def test_eval_resolution_on_fashion_mnist_matches_a_direct_count(tmp_path):
+    from keras_sequencer.data import eval_transform, load_fashion_mnist
+
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 1))
+    model = ks.Sequencer2D(layers=(1, 1), patch_sizes=(4, 1), embed_dims=(32, 32), hidden_sizes=(8, 8),
+                           input_tensor=keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs),
+                           include_preprocessing=False, classes=10, weights=None)  # fmt: skip
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x_train[:6000].astype("float32"), y_train[:6000], batch_size=64, epochs=1, verbose=0)
+    model.save(tmp_path / "fm.keras")
+
+    result = _cli("eval-resolution", "--model", tmp_path / "fm.keras", "--dataset", "fashion_mnist", "--limit", 200,
+                  "--resolutions", 20, 28, 40, "--trained-at", 28, "--output", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "resolution.png").stat().st_size > 5_000
+    plotted = json.loads((tmp_path / "out" / "resolution.json").read_text())
+    assert plotted["resolutions"] == [20, 28, 40] and plotted["images"] == 200
+    for size, accuracy in zip(plotted["resolutions"], plotted["accuracy"], strict=True):
+        images = np.stack([eval_transform(image, size).numpy() for image in x_test[:200]])
+        direct = (to_numpy(model.predict(images, verbose=0)).argmax(-1) == y_test[:200]).mean()
+        assert accuracy == pytest.approx(direct, abs=1e-9), size
+    assert plotted["accuracy"][1] > 0.4  # at the training resolution: far above chance (0.1)
