@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_sequencer.layers.bilstm2d import _RNN_LAYERS, RNN_TYPES, _outside_object_sharing
+from keras_sequencer.layers.bilstm2d import RNN_TYPES, sequence_layer
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -34,13 +34,7 @@ class BiLSTM1D(keras.layers.Layer):
         self.rnn_type = rnn_type
         self.bidirectional = bool(bidirectional)
         self.input_spec = keras.layers.InputSpec(ndim=4)
-        with _outside_object_sharing():
-            cls = getattr(keras.layers, _RNN_LAYERS[rnn_type])
-            if self.bidirectional:
-                rnn = cls(hidden_size, return_sequences=True, name=rnn_type, dtype=self.dtype_policy)
-                self.rnn = keras.layers.Bidirectional(rnn, merge_mode="concat", name="rnn", dtype=self.dtype_policy)
-            else:
-                self.rnn = cls(hidden_size, return_sequences=True, name="rnn", dtype=self.dtype_policy)
+        self.rnn = sequence_layer(rnn_type, hidden_size, self.bidirectional, name="rnn", dtype=self.dtype_policy)
 
     def build(self, input_shape):
         channels = input_shape[-1]

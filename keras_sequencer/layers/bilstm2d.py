@@ -71,6 +71,20 @@ def _outside_object_sharing():
             global_state.set_global_attribute(key, value)
 
 
+def sequence_layer(rnn_type: str, units: int, bidirectional: bool, name: str, dtype=None):
+    """A Keras LSTM / GRU / SimpleRNN returning sequences, wrapped in Bidirectional when asked.
+
+    Explicit names keep variable paths stable (`rnn_v/forward_lstm/lstm_cell/kernel`)
+    whatever else the process has built; the converter relies on them.
+    """
+    with _outside_object_sharing():
+        cls = getattr(keras.layers, _RNN_LAYERS[rnn_type])
+        if not bidirectional:
+            return cls(units, return_sequences=True, name=name, dtype=dtype)
+        rnn = cls(units, return_sequences=True, name=rnn_type, dtype=dtype)
+        return keras.layers.Bidirectional(rnn, merge_mode="concat", name=name, dtype=dtype)
+
+
 @keras.saving.register_keras_serializable(package="keras_sequencer")
 class BiLSTM2D(keras.layers.Layer):
     """Mixes tokens of a 2-D feature map with a vertical and a horizontal BiLSTM.
@@ -171,24 +185,15 @@ class BiLSTM2D(keras.layers.Layer):
                 f"rnn_type={rnn_type!r}, bidirectional={bidirectional}, union={union!r}, with_fc={with_fc}"
             )
         self.input_spec = keras.layers.InputSpec(ndim=4)
-        self.rnn_v = None if union == "horizontal" else self._sequence_layer("rnn_v")
-        self.rnn_h = None if union == "vertical" else self._sequence_layer("rnn_h")
+        args = (rnn_type, hidden_size, self.bidirectional)
+        self.rnn_v = None if union == "horizontal" else sequence_layer(*args, name="rnn_v", dtype=self.dtype_policy)
+        self.rnn_h = None if union == "vertical" else sequence_layer(*args, name="rnn_h", dtype=self.dtype_policy)
         self.fc = None  # its width is the input's channel count, known in build()
 
     @property
     def mixed_channels(self) -> int:
         """Channels after mixing, before `fc`: directions x units, x2 for union='cat'."""
         return (2 if self.bidirectional else 1) * self.hidden_size * (2 if self.union == "cat" else 1)
-
-    def _sequence_layer(self, name):
-        # Explicit names keep variable paths stable ("rnn_v/forward_lstm/..."),
-        # whatever else the process has built; the converter relies on them.
-        with _outside_object_sharing():
-            cls = getattr(keras.layers, _RNN_LAYERS[self.rnn_type])
-            if not self.bidirectional:
-                return cls(self.hidden_size, return_sequences=True, name=name, dtype=self.dtype_policy)
-            rnn = cls(self.hidden_size, return_sequences=True, name=self.rnn_type, dtype=self.dtype_policy)
-            return keras.layers.Bidirectional(rnn, merge_mode="concat", name=name, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         channels = input_shape[-1]
