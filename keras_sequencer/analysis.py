@@ -46,11 +46,11 @@ def evaluate_resolutions(model, dataset, resolutions, crop_pct: float = 0.875, b
             f"The model takes only {height}x{width} images; evaluating other resolutions needs one built with "
             "input_shape=(None, None, channels) (Sequencer weights are size independent: load them into it)."
         )
-    accuracies, count = [], 0
+    minimum = getattr(model, "min_image_size", 1)
+    if min(resolutions) < minimum:
+        raise ValueError(f"Resolution {min(resolutions)} is below the model's minimum {minimum}.")
+    accuracies = []
     for size in resolutions:
-        minimum = getattr(model, "min_image_size", 1)
-        if size < minimum:
-            raise ValueError(f"Resolution {size} is below the model's minimum {minimum}.")
         batches = (
             dataset.map(
                 lambda image, label, s=size: (eval_transform(image, s, crop_pct), label),
