@@ -153,15 +153,29 @@ def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
-def pad_and_crop(image, pad: int):
-    """Pads by `pad` pixels (zeros) and crops back to the original size at a random offset."""
+def pad_and_crop(images, pad: int):
+    """Pads each image of a batch by `pad` pixels (zeros) and crops it back at its own random offset.
+
+    Vectorised over the batch (two gathers) rather than mapped per image: on a
+    2-core CPU the per-image version took a third of the training step's time.
+    """
     import tensorflow as tf
 
-    shape = tf.shape(image)
-    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-    cropped = tf.image.random_crop(padded, shape)
-    cropped.set_shape(image.shape)
-    return cropped
+    shape = tf.shape(images)
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    offsets = tf.random.uniform((shape[0], 2), 0, 2 * pad + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(shape[1])[None]  # (batch, height) source rows
+    cols = offsets[:, 1:] + tf.range(shape[2])[None]
+    cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+    return tf.reshape(cropped, shape)  # the gathers lose the static shape
+
+
+def random_flip(images, probability: float):
+    """Flips each image of a batch left-right with `probability`, independently."""
+    import tensorflow as tf
+
+    flip = tf.random.uniform((tf.shape(images)[0], 1, 1, 1)) < probability
+    return tf.where(flip, tf.reverse(images, [2]), images)
 
 
 # === Batch-level mixing ===
@@ -261,19 +275,14 @@ def make_dataset(
     if training:
         ds = source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
-        def per_image(image, label):
-            image = tf.cast(image, tf.float32)
-            if image_size is not None:
-                image = random_resized_crop(image, image_size, augment.scale, augment.ratio)
-            if augment.pad_crop:
-                image = pad_and_crop(image, augment.pad_crop)
-            if augment.hflip > 0:
-                image = tf.cond(
-                    tf.random.uniform(()) < augment.hflip, lambda: tf.image.flip_left_right(image), lambda: image
-                )
-            return image, label
-
-        ds = ds.map(per_image, num_parallel_calls=autotune)
+        if image_size is not None:  # the one per-image transform: crops differ in size before resizing
+            ds = ds.map(
+                lambda image, label: (
+                    random_resized_crop(tf.cast(image, tf.float32), image_size, augment.scale, augment.ratio),
+                    label,
+                ),
+                num_parallel_calls=autotune,
+            )
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
         color_ops = []
         if augment.rand_augment > 0:
@@ -288,6 +297,11 @@ def make_dataset(
             )
 
         def per_batch(images, labels):
+            images = tf.cast(images, tf.float32)
+            if augment.pad_crop:
+                images = pad_and_crop(images, augment.pad_crop)
+            if augment.hflip > 0:
+                images = random_flip(images, augment.hflip)
             for op in color_ops:
                 images = op(images, training=True)
             targets = smooth_labels(labels, num_classes, augment.label_smoothing)

@@ -60,6 +60,34 @@ def test_mixed_targets_equal_the_mixed_pixels(mixup, cutmix):
             np.testing.assert_allclose(mixed_targets[i].sum(), 1.0, atol=1e-6)
 
 
+def test_pad_crop_and_flip_act_per_image():
+    """Each image of the batch must be its own zero-padded copy cropped at one offset
+    (found here by search), optionally mirrored; offsets and flips must vary."""
+    tf.random.set_seed(5)
+    pad, n = 2, 64
+    images = np.random.RandomState(0).uniform(1, 255, (n, 9, 7, 2)).astype(np.float32)
+    padded = np.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    cropped = data.pad_and_crop(tf.constant(images), pad).numpy()
+    assert cropped.shape == images.shape
+    offsets = set()
+    for i in range(n):
+        found = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if np.array_equal(cropped[i], padded[i, dy : dy + 9, dx : dx + 7])
+        ]
+        assert len(found) == 1, i
+        offsets |= set(found)
+    assert len(offsets) > 10
+
+    flipped = data.random_flip(tf.constant(images), 0.5).numpy()
+    mirrored = [np.array_equal(f, x[:, ::-1]) for f, x in zip(flipped, images, strict=True)]
+    kept = [np.array_equal(f, x) for f, x in zip(flipped, images, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))  # each image: one or the other
+    assert 16 < sum(mirrored) < 48
+
+
 def _write_folder(root, sizes):
     from PIL import Image
 
