@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p = commands.add_parser("demo", help="train a small Sequencer2D on Fashion-MNIST offline, write a report")
     p.add_argument("--output", default="reports/demo")
     p.add_argument("--epochs", type=int, default=None, help="default: the fashion_mnist recipe's")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's package)")
     p.add_argument("--limit", type=int, default=None, help="use only this many images (quick check)")
     p.set_defaults(run=_demo)

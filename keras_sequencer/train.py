@@ -57,9 +57,11 @@ RECIPES: dict[str, Recipe] = {
         clip_norm=1.0,
         augment=dataclasses.replace(Augment(), erasing=0.0),
     ),
-    # The offline demo: a small Sequencer2D on 28x28 Fashion-MNIST (pad-and-crop + flip, smoothing 0.1).
+    # The offline demo: a small Sequencer2D on 28x28 Fashion-MNIST. No geometric augmentation: in a
+    # 10-epoch budget, pad-and-crop (2 px) + flip cost 4.8 points after one epoch (78.4% vs 83.2%) on the
+    # demo model with 4x4 patches; smoothing 0.1 and a little drop path stay.
     "fashion_mnist": Recipe(
-        epochs=6,
+        epochs=10,
         lr=2e-3,
         base_batch=128,
         weight_decay=0.05,
@@ -69,13 +71,12 @@ RECIPES: dict[str, Recipe] = {
         augment=Augment(
             scale=(1.0, 1.0),
             ratio=(1.0, 1.0),
-            hflip=0.5,
+            hflip=0.0,
             rand_augment=0.0,
             erasing=0.0,
             mixup_alpha=0.0,
             cutmix_alpha=0.0,
             label_smoothing=0.1,
-            pad_crop=2,
         ),
     ),
 }
