@@ -6,7 +6,7 @@ import os
 
 import keras
 
-from keras_sequencer.data import Augment
+from keras_sequencer.data import NO_AUGMENT, Augment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +68,7 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=1,
         drop_path_rate=0.05,
         image_size=None,
-        augment=Augment(
-            scale=(1.0, 1.0),
-            ratio=(1.0, 1.0),
-            hflip=0.0,
-            rand_augment=0.0,
-            erasing=0.0,
-            mixup_alpha=0.0,
-            cutmix_alpha=0.0,
-            label_smoothing=0.1,
-        ),
+        augment=dataclasses.replace(NO_AUGMENT, label_smoothing=0.1),
     ),
 }
 
