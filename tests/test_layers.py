@@ -42,6 +42,10 @@ def test_bilstm2d_matches_timm_lstm2d(height, width, implementation):
     layer.build(x.shape)
     _load_timm_lstm2d(layer, module)
     np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=0, atol=2e-6)
+    if implementation == "fused":  # both step loops, whichever one `call` picks on this backend
+        for scan in (False, True):
+            mixed = layer.fc(layer._mix_fused(keras.ops.convert_to_tensor(x), scan=scan))
+            np.testing.assert_allclose(to_numpy(mixed), expected, rtol=0, atol=2e-6, err_msg=f"scan={scan}")
 
 
 def test_bilstm2d_layer_contract():

@@ -136,3 +136,34 @@ def test_bad_images_at_call_time(shape, message):
         model(np.zeros(shape, "float32"))
     with pytest.raises(ValueError, match=message):
         model.predict(np.zeros(shape, "float32"), verbose=0)
+
+
+def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch):
+    """`predict` equals a direct call; on CPU-only TensorFlow Keras is asked to XLA-compile its predict step
+    (Keras alone would not on a CPU) unless `compile(jit_compile=False)` says otherwise."""
+    model = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
+    x = np.random.RandomState(0).uniform(0, 255, (2, 24, 40, 3)).astype("float32")
+    eager = to_numpy(model(x, training=False))
+    tensorflow = keras.backend.backend() == "tensorflow"
+    jit_requests = []
+    if tensorflow:
+        import tensorflow as tf
+
+        assert not tf.config.list_logical_devices("GPU"), "this check is for CPU-only TensorFlow"
+        real_function = tf.function
+
+        def spy(*args, **kwargs):  # records which functions are asked to be XLA-compiled
+            if kwargs.get("jit_compile"):
+                jit_requests.append(getattr(args[0], "__name__", None) if args else None)
+            return real_function(*args, **kwargs)
+
+        monkeypatch.setattr(tf, "function", spy)
+    np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
+    if tensorflow:
+        assert "one_step_on_data" in jit_requests  # Keras' predict step
+        assert not model.jit_compile  # training keeps Keras' CPU default
+        jit_requests.clear()
+    model.compile(loss="mse", jit_compile=False)
+    np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
+    if tensorflow:
+        assert "one_step_on_data" not in jit_requests
