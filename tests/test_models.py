@@ -140,7 +140,7 @@ def test_bad_images_at_call_time(shape, message):
 
 def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch):
     """`predict` equals a direct call; on CPU-only TensorFlow Keras is asked to XLA-compile its predict step
-    (Keras alone would not on a CPU) unless `compile(jit_compile=False)` says otherwise."""
+    (Keras alone would not on a CPU) unless `xla_predict_on_cpu` is turned off."""
     model = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
     x = np.random.RandomState(0).uniform(0, 255, (2, 24, 40, 3)).astype("float32")
     eager = to_numpy(model(x, training=False))
@@ -163,7 +163,8 @@ def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch)
         assert "one_step_on_data" in jit_requests  # Keras' predict step
         assert not model.jit_compile  # training keeps Keras' CPU default
         jit_requests.clear()
-    model.compile(loss="mse", jit_compile=False)
+    model.xla_predict_on_cpu = False
+    model.compile(loss="mse")  # a new predict function
     np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
     if tensorflow:
         assert "one_step_on_data" not in jit_requests

@@ -227,6 +227,8 @@ class BiLSTM2D(keras.layers.Layer):
             return self._mix_keras(x)
         if override is not None:
             return override(self, x)
+        if self._standard and self.implementation == "auto" and keras.backend.backend() == "torch":
+            return self._mix_torch(x)
         static = x.shape[1] is not None and x.shape[2] is not None
         if self.implementation == "fused" and not static:
             raise ValueError(
@@ -321,6 +323,37 @@ class BiLSTM2D(keras.layers.Layer):
         return ops.stack(
             [ops.flip(outputs[:, d], axis=0) if d % 2 else outputs[:, d] for d in range(directions)], axis=1
         )
+
+    def _mix_torch(self, x):
+        """PyTorch backend only: both BiLSTMs on torch's own LSTM kernel (`torch.lstm`: one C++ loop
+        on a CPU, cuDNN on a GPU), reading the same Keras variables; differentiable.
+
+        Keras' LSTM on the torch backend steps in Python on a CPU; this is what timm runs.
+        """
+        import torch
+
+        if keras.backend.backend() != "torch":
+            raise ValueError(f"`_mix_torch` needs the torch backend. Current backend: {keras.backend.backend()}")
+        batch, height, width, channels = (int(d) for d in x.shape)
+        units = self.hidden_size
+
+        def scan(bidirectional, sequences):
+            weights = []
+            for cell in (bidirectional.forward_layer.cell, bidirectional.backward_layer.cell):
+                # Keras: kernel (C, 4u), recurrent (u, 4u), one bias; torch: transposed, two biases.
+                bias = cell.bias.value.to(sequences.dtype)
+                weights += [cell.kernel.value.to(sequences.dtype).T.contiguous(),
+                            cell.recurrent_kernel.value.to(sequences.dtype).T.contiguous(),
+                            bias, torch.zeros_like(bias)]  # fmt: skip
+            zeros = sequences.new_zeros((2, sequences.shape[0], units))
+            # (input, (h0, c0), weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+            return torch.lstm(sequences, (zeros, zeros), weights, True, 1, 0.0, False, True, True)[0]
+
+        x = torch.as_tensor(x)
+        columns = x.permute(0, 2, 1, 3).reshape(batch * width, height, channels)
+        v = scan(self.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
+        h = scan(self.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)
+        return torch.cat([v, h], dim=-1)
 
     def _mix_keras(self, x):
         """The recurrent sublayers as composed Keras layers (any option)."""

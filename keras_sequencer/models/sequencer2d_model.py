@@ -31,11 +31,8 @@ class Sequencer2DModel(keras.Model):
         # The smallest side every stage can still cut into patches; derived from
         # the graph so `.keras` files need no extra config.
         self.min_image_size = math.prod(layer.patch_size for layer in self.layers if isinstance(layer, PatchEmbed))
-
-    def compile(self, *args, jit_compile="auto", **kwargs):
-        # An explicit choice also decides `predict` (see `make_predict_function`).
-        self._explicit_jit_compile = None if jit_compile == "auto" else bool(jit_compile)
-        super().compile(*args, jit_compile=jit_compile, **kwargs)
+        # TensorFlow without a GPU: compile `predict` with XLA (see `make_predict_function`).
+        self.xla_predict_on_cpu = True
 
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
@@ -43,13 +40,16 @@ class Sequencer2DModel(keras.Model):
         Keras leaves XLA off on CPU-only TensorFlow. For this model XLA makes
         inference ~1.4x faster there (Sequencer2D-S, 224, 2 cores: 8.5 vs 6.1
         img/s at batch 1, 9.6 vs 8.0 at 16; ~6 s to compile). `predict` and
-        `predict_on_batch` use it unless `compile(jit_compile=False)` was
-        called or a `tf.distribute` strategy holds the model (Keras' own rule);
-        training, evaluation and direct calls `model(x)` keep Keras' defaults.
+        `predict_on_batch` use it unless `model.xla_predict_on_cpu = False`
+        (set it before the first `predict`, or rebuild with
+        `make_predict_function(force=True)`) or a `tf.distribute` strategy
+        holds the model (Keras' own rule).
+        Training, `evaluate` and direct calls `model(x)` keep Keras' defaults
+        (`compile(jit_compile=...)`).
         """
-        explicit = getattr(self, "_explicit_jit_compile", None)
+        wanted = getattr(self, "xla_predict_on_cpu", True)
         distributed = getattr(self, "_distribute_strategy", None) is not None
-        if keras.backend.backend() != "tensorflow" or explicit is not None or distributed or _tf_has_gpu():
+        if keras.backend.backend() != "tensorflow" or not wanted or distributed or _tf_has_gpu():
             return super().make_predict_function(force)
         saved = self.jit_compile
         with warnings.catch_warnings():  # a model with a layer XLA cannot take stays without it
