@@ -23,7 +23,7 @@ def _load_timm_lstm2d(layer: BiLSTM2D, module) -> None:
     layer.fc.bias.assign(sd["fc.bias"])
 
 
-@pytest.mark.parametrize("implementation", ["keras", "fused"])
+@pytest.mark.parametrize("implementation", ["keras", "fused", "auto"])  # auto on torch: torch.lstm
 @pytest.mark.parametrize("height,width", [(5, 5), (3, 7), (9, 2)])
 def test_bilstm2d_matches_timm_lstm2d(height, width, implementation):
     from timm.models.sequencer import LSTM2d
@@ -73,21 +73,24 @@ def test_bilstm2d_direction_order():
 
 @pytest.mark.parametrize("height,width", [(4, 4), (3, 5)])
 def test_both_paths_train_identically(height, width):
-    """One SGD step through each path from the same weights lands on the same weights:
-    the fused path's gradients equal those of the Bidirectional(LSTM) layers."""
+    """One SGD step through each path from the same weights lands on the same weights: the fused
+    path's gradients (and, on torch, those of "auto": torch.lstm) equal the Bidirectional(LSTM) layers'."""
     x = np.random.RandomState(0).randn(3, height, width, 6).astype("float32")
     y = np.random.RandomState(1).randn(3, height, width, 6).astype("float32")
     models = []
-    for implementation in ("keras", "fused"):
+    for implementation in ("keras", "fused", "auto"):
         model = keras.Sequential([keras.Input((height, width, 6)), BiLSTM2D(3, implementation=implementation)])
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        if models:
+            model.set_weights(models[0].get_weights())
         models.append(model)
-    models[1].set_weights(models[0].get_weights())
+    start = models[0].get_weights()
     losses = [float(m.train_on_batch(x, y)) for m in models]
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    assert not np.allclose(models[0].get_weights()[1], models[1].get_weights()[1] * 0)  # weights moved
+    for other in (1, 2):
+        np.testing.assert_allclose(losses[0], losses[other], rtol=1e-5)
+        for a, b in zip(models[0].get_weights(), models[other].get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert not np.allclose(models[0].get_weights()[1], start[1])  # weights moved
 
 
 def test_fused_needs_a_static_size():
