@@ -219,11 +219,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(run=_export)
 
-    p = commands.add_parser("bench", help="time ours against timm (every backend, both paths), table/JSON/PNG")
+    p = commands.add_parser("bench", help="time ours against timm (every backend and path), table/JSON/PNG")
     p.add_argument("--variants", nargs="+", choices=("s", "m", "l"), default=["s"])
     p.add_argument("--backends", nargs="+", choices=("tensorflow", "jax", "torch"), default=None,
                    help="default: every installed backend")  # fmt: skip
-    p.add_argument("--paths", nargs="+", choices=("keras", "fused"), default=["keras", "fused"])
+    p.add_argument("--paths", nargs="+", choices=("auto", "keras", "fused"), default=["auto", "keras", "fused"],
+                   help="implementation= values; auto is the default users get")  # fmt: skip
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--runs", type=int, default=5)

@@ -3,7 +3,7 @@
 Every engine runs in its own fresh process (a Keras backend is fixed per
 process, and TensorFlow's thread pools slow anything sharing its process):
 timm (PyTorch), Keras on each requested backend with each forward path
-(`implementation="keras"` / `"fused"`), and optionally the float32 TFLite
+(`implementation="auto"` (the default: what a user gets) / `"keras"` / `"fused"`), and optionally the float32 TFLite
 export in the LiteRT interpreter. Each process times, per variant and batch
 size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
 training step (forward + backward + AdamW), after warm-up calls, as the
@@ -26,7 +26,7 @@ import time
 
 VARIANTS = ("s", "m", "l")
 BACKENDS = ("tensorflow", "jax", "torch")
-PATHS = ("keras", "fused")
+PATHS = ("auto", "keras", "fused")
 
 
 def _median_seconds(fn, runs: int, warmup: int) -> float:

@@ -19,7 +19,7 @@ import pytest
 def test_bench_writes_table_json_and_png(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "keras_sequencer", "bench", "--backends", BACKEND, "--paths", "keras", "fused",
+        [sys.executable, "-m", "keras_sequencer", "bench", "--backends", BACKEND, "--paths", "auto", "keras", "fused",
          "--batch-sizes", "1", "2", "--size", "28", "--memory-size", "42", "--runs", "1", "--warmup", "1",
          "--no-tflite", "--output", str(tmp_path)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
@@ -27,7 +27,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     engines = {(r["engine"], r["path"], r["task"], r["batch"]) for r in rows}
-    for path in ("keras", "fused"):
+    for path in ("auto", "keras", "fused"):
         for task, batch in (("inference", 1), ("inference", 2), ("train_step", 2), ("memory", 1)):
             assert (f"keras-{BACKEND}", path, task, batch) in engines
             assert ("timm", "-", task, batch) in engines

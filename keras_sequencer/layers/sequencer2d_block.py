@@ -16,7 +16,11 @@ def _gelu(x):
     Written out rather than `ops.gelu(approximate=False)`: TensorFlow's
     version calls `erfc`, which tf2onnx cannot export, while this form becomes
     one GELU op in TFLite and Erf in ONNX. Same function, within float32 rounding.
+    On the torch backend (eager, nothing fuses the five elementwise ops) it is
+    torch's own one-kernel GELU; the exporters run on TensorFlow.
     """
+    if keras.backend.backend() == "torch":
+        return ops.gelu(x, approximate=False)
     return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
 
 
