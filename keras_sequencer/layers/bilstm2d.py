@@ -119,7 +119,12 @@ class BiLSTM2D(keras.layers.Layer):
       `predict`): fused vs keras 8.0 vs 7.0 img/s at batch 1 on JAX, 8.3 vs
       4.4 on TensorFlow (XLA), 4.3 vs 3.7 on PyTorch; but the fused path is
       about 2x slower to train (its loop differentiates worse than Keras'
-      LSTM loop), so training keeps `"keras"`.
+      LSTM loop), so training keeps `"keras"`. On the PyTorch backend,
+      `"auto"` instead runs both BiLSTMs on `torch.lstm` (PyTorch's own LSTM
+      kernel, as timm: C++ on a CPU, cuDNN on a GPU) for inference and
+      training, from the same variables (S, 224, 2 cores: 0.81x timm at
+      batch 1, 0.90x at 16, training step 0.94x; Keras' LSTM steps in Python
+      on a CPU).
 
     The paper's ablations (authors' `RNN2DBase`, timm's `RNN2dBase`) are
     options; the defaults are the paper's mixer:
