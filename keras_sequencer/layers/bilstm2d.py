@@ -342,7 +342,7 @@ class BiLSTM2D(keras.layers.Layer):
         batch, height, width, channels = (int(d) for d in x.shape)
         units = self.hidden_size
 
-        def scan(bidirectional, sequences):
+        def bilstm(bidirectional, sequences):
             weights = []
             for cell in (bidirectional.forward_layer.cell, bidirectional.backward_layer.cell):
                 # Keras: kernel (C, 4u), recurrent (u, 4u), one bias; torch: transposed, two biases.
@@ -356,8 +356,8 @@ class BiLSTM2D(keras.layers.Layer):
 
         x = torch.as_tensor(x)
         columns = x.permute(0, 2, 1, 3).reshape(batch * width, height, channels)
-        v = scan(self.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
-        h = scan(self.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)
+        v = bilstm(self.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
+        h = bilstm(self.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)
         return torch.cat([v, h], dim=-1)
 
     def _mix_keras(self, x):
