@@ -335,10 +335,8 @@ class BiLSTM2D(keras.layers.Layer):
 
         Keras' LSTM on the torch backend steps in Python on a CPU; this is what timm runs.
         """
-        import torch
+        import torch  # `_mix` calls this on the torch backend only
 
-        if keras.backend.backend() != "torch":
-            raise ValueError(f"`_mix_torch` needs the torch backend. Current backend: {keras.backend.backend()}")
         batch, height, width, channels = (int(d) for d in x.shape)
         units = self.hidden_size
 

@@ -6,12 +6,7 @@ import warnings
 import keras
 
 from keras_sequencer.layers import PatchEmbed
-
-
-def _tf_has_gpu() -> bool:
-    import tensorflow as tf
-
-    return bool(tf.config.list_logical_devices("GPU"))
+from keras_sequencer.layers.bilstm2d import _gpu_backs_keras_lstm
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -47,9 +42,10 @@ class Sequencer2DModel(keras.Model):
         Training, `evaluate` and direct calls `model(x)` keep Keras' defaults
         (`compile(jit_compile=...)`).
         """
-        wanted = getattr(self, "xla_predict_on_cpu", True)
         distributed = getattr(self, "_distribute_strategy", None) is not None
-        if keras.backend.backend() != "tensorflow" or not wanted or distributed or _tf_has_gpu():
+        # On TensorFlow, "a GPU backs Keras' LSTM" is "a GPU is visible" (the layer's own cached check).
+        gpu = _gpu_backs_keras_lstm()
+        if keras.backend.backend() != "tensorflow" or not self.xla_predict_on_cpu or distributed or gpu:
             return super().make_predict_function(force)
         saved = self.jit_compile
         with warnings.catch_warnings():  # a model with a layer XLA cannot take stays without it
