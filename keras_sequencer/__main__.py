@@ -89,7 +89,8 @@ def _bench(args) -> int:
 
     run(variants=args.variants, backends=args.backends, paths=args.paths, batch_sizes=args.batch_sizes,
         size=args.size, runs=args.runs, warmup=args.warmup, train=not args.no_train, memory=not args.no_memory,
-        memory_size=args.memory_size, tflite=not args.no_tflite, output=args.output)  # fmt: skip
+        memory_size=args.memory_size, tflite=not args.no_tflite, gemm_size=args.gemm_size,
+        output=args.output)  # fmt: skip
     print(f"wrote {args.output}/bench.json, bench.md, bench.png")
     return 0
 
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-size", type=int, default=448)
+    p.add_argument("--gemm-size", type=int, default=2048, help="side of the fp32 matmul that sets the ceiling")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-tflite", action="store_true")

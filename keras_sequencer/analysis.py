@@ -10,6 +10,9 @@
   `sum_c relu(F[centre, c])` with respect to the input, rectified and summed
   over input channels, averaged over images; plotted as `log10(erf + 1)`
   scaled to [0, 1]. Gradients use each backend's own autodiff.
+- `count_macs`: multiply-accumulates of one forward pass, with or without the
+  LSTMs (the paper's "FLOPs" count them, timm's GMACs do not); the benchmark
+  turns it into an fp32 ceiling for the machine it runs on.
 """
 
 import json
@@ -18,7 +21,53 @@ import os
 import keras
 import numpy as np
 
+from keras_sequencer.models.presets import variant_config
 from keras_sequencer.models.registry import stage_info
+
+# ---------------------------------------------------------------------------- cost
+
+
+def count_macs(variant="s", image_size: int = 224, include_lstm: bool = True, num_classes: int = 1000) -> int:
+    """Multiply-accumulates of one forward pass of a Sequencer2D (one image).
+
+    Counts the matmuls and convolutions: patch embeddings, the input and
+    recurrent matmuls of the four directional LSTMs of every block, the
+    BiLSTM2D output projection, the MLP and the classifier. Elementwise work
+    (gates, LayerNorm, GELU) is left out. With `include_lstm=True` this is the
+    paper's "FLOPs" (8.4G / 11.1G / 16.6G for S / M / L at 224); with `False`
+    it is what timm's profiler reports (4.96 / 6.55 / 9.74 GMACs), which does
+    not see `aten::lstm` — about 40 % of the real cost.
+
+    Args:
+        variant: `"s"`, `"m"`, `"l"` (or `"sequencer2d_s"` etc.), or a config
+            dict with `layers`, `patch_sizes`, `embed_dims`, `hidden_sizes`
+            and `mlp_ratios` (the paper's bidirectional LSTM mixer).
+        image_size: int, side of the square input.
+        include_lstm: bool, count the LSTMs' matmuls.
+        num_classes: int, classifier width (0: headless).
+
+    Returns:
+        int, multiply-accumulates (one MAC = two floating-point operations).
+    """
+    config = variant_config(variant) if isinstance(variant, str) else dict(variant)
+    options = {"rnn_type": "lstm", "bidirectional": True, "union": "cat", "with_fc": True, "mixer": "2d"}
+    changed = {k: config[k] for k, default in options.items() if config.get(k, default) != default}
+    if changed:
+        raise ValueError(f"count_macs covers the paper's BiLSTM2D mixer only. Received options: {changed}")
+    side, channels, macs = int(image_size), 3, 0
+    for depth, patch, dim, hidden, ratio in zip(config["layers"], config["patch_sizes"], config["embed_dims"],
+                                                config["hidden_sizes"], config["mlp_ratios"], strict=True):  # fmt: skip
+        if side % patch:
+            raise ValueError(f"image_size={image_size} does not divide into the patch sizes {config['patch_sizes']}.")
+        side //= patch
+        tokens = side * side
+        macs += tokens * patch * patch * channels * dim  # patch embedding
+        lstm = 4 * (dim + hidden) * 4 * hidden  # 4 directions x 4 gates: input and recurrent matmuls
+        per_token = (lstm if include_lstm else 0) + 4 * hidden * dim + 2 * dim * int(dim * ratio)
+        macs += depth * tokens * per_token
+        channels = dim
+    return macs + channels * num_classes
+
 
 # ---------------------------------------------------------------------------- resolution
 

@@ -8,11 +8,19 @@ export in the LiteRT interpreter. Each process times, per variant and batch
 size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
 training step (forward + backward + AdamW), after warm-up calls, as the
 median of `runs` calls; a separate process per engine measures the peak
-memory of one inference at `memory_size` (increase of the process' peak RSS
-over its RSS once the model is built: it includes compilation, e.g. XLA).
+memory of inference at `memory_size`: the rise of the process' peak RSS over
+its RSS just before the call, for the first call (`memory`: compilation
+included, e.g. XLA) and for a second one (`memory_warm`: what a warmed-up
+model needs per call; Linux only, where the peak can be reset).
 
-The result: a table with images/s and the ratio to timm (same machine, same
-run), a JSON file with every number and the versions, and a PNG chart.
+Every speed is also set against the machine's fp32 ceiling: the rate of a
+large float32 matmul (torch, 2048², same threads) divided by the model's
+matmul work (`analysis.count_macs`, LSTMs included; a training step counted
+as 3x the forward pass). No exact float32 implementation can pass 100 %.
+
+The result: a table with images/s, the ratio to timm (same machine, same
+run) and the share of the ceiling, a JSON file with every number and the
+versions, and a PNG chart.
 It is a benchmark, never a test: absolute figures mean little on a shared CPU.
 """
 
@@ -52,6 +60,49 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _reset_peak_rss() -> bool:
+    """Linux: sets the process' peak RSS (VmHWM) back to its current RSS; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _memory_rows(call, variant: str, size: int) -> list:
+    """Peak-RSS rise of a first call (compilation included) and, where the peak can be reset, of a second one."""
+    rows = []
+    for task in ("memory", "memory_warm"):
+        resettable = _reset_peak_rss()
+        if task == "memory_warm" and not resettable:
+            break
+        before = _rss_bytes()
+        call()
+        peak = _hwm_bytes() if resettable else _peak_rss_bytes()
+        rows.append({"task": task, "variant": variant, "batch": 1, "size": size, "peak_bytes": max(peak - before, 0)})
+    return rows
+
+
+def _gemm_worker(job):
+    """The machine's float32 matmul rate (FLOP/s): torch, `job["gemm_size"]`², best of 5 after a warm-up."""
+    import torch
+
+    n = job["gemm_size"]
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_median_seconds(lambda: a @ b, 1, 0) for _ in range(5))
+    return {"size": n, "flops_per_s": 2 * n**3 / best, "threads": torch.get_num_threads()}
+
+
 # ---------------------------------------------------------------------------- workers (one process each)
 
 
@@ -66,11 +117,8 @@ def _timm_worker(job):
         if job["memory"]:
             side = job["memory_size"]
             x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, side, side)).astype("float32"))
-            before = _rss_bytes()
             with torch.no_grad():
-                model(x)
-            rows.append({"task": "memory", "variant": variant, "batch": 1, "size": job["memory_size"],
-                         "peak_bytes": _peak_rss_bytes() - before})  # fmt: skip
+                rows += _memory_rows(lambda model=model, x=x: model(x), variant, side)
             continue
         for batch in job["batch_sizes"]:
             shape = (batch, 3, job["size"], job["size"])
@@ -109,10 +157,7 @@ def _keras_worker(job):
                                   implementation=job["path"])  # fmt: skip
         if job["memory"]:
             x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
-            before = _rss_bytes()
-            model.predict_on_batch(x)
-            rows.append({"task": "memory", "variant": variant, "batch": 1, "size": size,
-                         "peak_bytes": _peak_rss_bytes() - before})  # fmt: skip
+            rows += _memory_rows(lambda model=model, x=x: model.predict_on_batch(x), variant, size)
             continue
         for batch in job["batch_sizes"]:
             x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
@@ -166,8 +211,8 @@ def _tflite_time_worker(job):
     return rows
 
 
-_WORKERS = {"timm": _timm_worker, "keras": _keras_worker, "tflite_export": _tflite_export_worker,
-            "tflite_time": _tflite_time_worker}  # fmt: skip
+_WORKERS = {"timm": _timm_worker, "keras": _keras_worker, "gemm": _gemm_worker,
+            "tflite_export": _tflite_export_worker, "tflite_time": _tflite_time_worker}  # fmt: skip
 
 
 def _spawn(kind: str, job: dict, backend: str = "tensorflow"):
@@ -207,6 +252,7 @@ def run(
     memory=True,
     memory_size=448,
     tflite=True,
+    gemm_size=2048,
     output="benchmarks/results",
     log=print,
 ) -> dict:
@@ -220,6 +266,8 @@ def run(
         for row in found:
             rows.append({"engine": engine, "path": path, **row})
 
+    log(f"fp32 matmul rate (torch, {gemm_size}²) ...")
+    gemm = _spawn("gemm", {"gemm_size": gemm_size}, backend="torch")
     log("timm (PyTorch) ...")
     add("timm", "-", _spawn("timm", job, backend="torch"))
     for backend in backends:
@@ -237,7 +285,8 @@ def run(
         with tempfile.TemporaryDirectory() as folder:
             files = _spawn("tflite_export", {**job, "folder": folder})
             add("tflite", "auto", _spawn("tflite_time", {**job, "files": files}))
-    result = {"rows": _with_ratios(rows), "machine": _machine(), "settings": {**job, "paths": list(paths)}}
+    result = {"rows": _with_ratios(rows, size, gemm["flops_per_s"]), "machine": {**_machine(), "fp32_gemm": gemm},
+              "settings": {**job, "paths": list(paths)}}  # fmt: skip
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -249,31 +298,39 @@ def run(
     return result
 
 
-def _with_ratios(rows):
-    """Adds images/s and, for time rows, speed vs timm (>1 = faster); memory rows get the ratio of bytes."""
+def _with_ratios(rows, size=None, gemm_flops_per_s=None):
+    """Adds images/s and, for time rows, speed vs timm (>1 = faster) and the share of the fp32 ceiling
+    (`size`: the timed rows' image side); memory rows get the ratio of bytes."""
+    from keras_sequencer.analysis import count_macs
+
     reference = {(r["task"], r["variant"], r["batch"]): r for r in rows if r["engine"] == "timm"}
     for row in rows:
         base = reference.get((row["task"], row["variant"], row["batch"]))
         if "seconds" in row:
             row["images_per_s"] = row["batch"] / row["seconds"]
             row["vs_timm"] = base["seconds"] / row["seconds"] if base else None
+            if gemm_flops_per_s:
+                flops = 2 * count_macs(row["variant"], size) * (3 if row["task"] == "train_step" else 1)
+                row["of_fp32_ceiling"] = row["images_per_s"] * flops / gemm_flops_per_s
         else:
             row["vs_timm"] = row["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] > 0 else None
     return rows
 
 
 def format_table(rows) -> str:
-    lines = ["| task | variant | batch | engine | path | images/s or peak MiB | vs timm |", "|---" * 7 + "|"]
+    lines = ["| task | variant | batch | engine | path | images/s or peak MiB | vs timm | of fp32 ceiling |",
+             "|---" * 8 + "|"]  # fmt: skip
     for row in sorted(rows, key=lambda r: (r["task"], r["variant"], r["batch"], r["engine"] != "timm", r["engine"],
                                            r["path"])):  # fmt: skip
         ratio = "-" if row["vs_timm"] is None else f"{row['vs_timm']:.2f}x"
-        if row["task"] == "memory":
+        ceiling = f"{row['of_fp32_ceiling']:.0%}" if row.get("of_fp32_ceiling") is not None else "-"
+        if row["task"].startswith("memory"):
             value = f"{row['peak_bytes'] / 2**20:.0f} MiB @ {row['size']}²"
             ratio = ratio.replace("x", "x mem")
         else:
             value = f"{row['images_per_s']:.2f}"
         lines.append(f"| {row['task']} | {row['variant'].upper()} | {row['batch']} | {row['engine']} | "
-                     f"{row['path']} | {value} | {ratio} |")  # fmt: skip
+                     f"{row['path']} | {value} | {ratio} | {ceiling} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -285,7 +342,7 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if r["task"] != "memory"]
+    timed = [r for r in rows if "seconds" in r]
     groups = sorted({(r["task"], r["variant"], r["batch"]) for r in timed})
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):

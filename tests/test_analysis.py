@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_sequencer as ks
-from keras_sequencer.analysis import effective_receptive_field, erf_for_display
+from keras_sequencer.analysis import count_macs, effective_receptive_field, erf_for_display
 
 
 @pytest.mark.parametrize("size", [(224, 224), (112, 196)])
@@ -113,3 +113,23 @@ def test_eval_resolution_on_fashion_mnist_matches_a_direct_count(tmp_path):
         direct = (to_numpy(model.predict(images, verbose=0)).argmax(-1) == y_test[:200]).mean()
         assert accuracy == pytest.approx(direct, abs=1e-9), size
     assert plotted["accuracy"][1] > 0.4  # at the training resolution: far above chance (0.1)
+
+
+@pytest.mark.parametrize("variant", ["s", "m", "l"])
+def test_count_macs_equals_torch_flop_counter_on_timm_and_the_papers_flops(variant):
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # Everything but the LSTMs, exactly: torch's FLOP counter on timm's model (it has no formula for aten::lstm).
+    reference = timm.create_model(f"sequencer2d_{variant}").eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        reference(torch.zeros(1, 3, 112, 112))
+    assert 2 * count_macs(variant, 112, include_lstm=False) == counter.get_total_flops()
+    # With the LSTMs: the paper's "FLOPs" at 224 (Table 1: 8.4G / 11.1G / 16.6G, rounded; they are MACs).
+    paper = {"s": 8.4e9, "m": 11.1e9, "l": 16.6e9}[variant]
+    assert abs(count_macs(variant) / paper - 1) < 0.01
+    with pytest.raises(ValueError, match="does not divide"):
+        count_macs(variant, 230)
+    with pytest.raises(ValueError, match="BiLSTM2D mixer only"):
+        count_macs({**ks.models.VARIANTS["s"], "rnn_type": "gru"})

@@ -1,7 +1,8 @@
 """`python -m keras_sequencer bench` at a toy size: it runs timm and this backend and writes its files.
 
 Speed is never asserted (a benchmark, not a timed test); the checks are that
-every engine ran, and that the table's ratios are the JSON's own timings.
+every engine ran, and that the table's ratios are the JSON's own timings
+and MAC counts.
 """
 
 import json
@@ -12,6 +13,8 @@ import sys
 from conftest import BACKEND, REPO
 import pytest
 
+from keras_sequencer.analysis import count_macs
+
 
 # One pass is enough: the command spawns the same workers whatever backend runs pytest, and a full
 # bench (timm + Keras, inference, training, memory) takes minutes on JAX and TensorFlow at any size.
@@ -21,24 +24,34 @@ def test_bench_writes_table_json_and_png(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "keras_sequencer", "bench", "--backends", BACKEND, "--paths", "auto", "keras", "fused",
          "--batch-sizes", "1", "2", "--size", "28", "--memory-size", "42", "--runs", "1", "--warmup", "1",
-         "--no-tflite", "--output", str(tmp_path)],
+         "--gemm-size", "256", "--no-tflite", "--output", str(tmp_path)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    found = json.loads((tmp_path / "bench.json").read_text())
+    rows, gemm = found["rows"], found["machine"]["fp32_gemm"]
+    assert gemm["size"] == 256 and gemm["flops_per_s"] > 1e8
     engines = {(r["engine"], r["path"], r["task"], r["batch"]) for r in rows}
     for path in ("auto", "keras", "fused"):
         for task, batch in (("inference", 1), ("inference", 2), ("train_step", 2), ("memory", 1)):
             assert (f"keras-{BACKEND}", path, task, batch) in engines
             assert ("timm", "-", task, batch) in engines
     timm = {(r["task"], r["batch"]): r for r in rows if r["engine"] == "timm"}
+    if sys.platform == "linux":  # the warm figure needs a resettable peak RSS (/proc/self/clear_refs)
+        assert {(r["engine"], r["path"]) for r in rows if r["task"] == "memory_warm"} == {
+            (e, p) for e, p, task, _ in engines if task == "memory"
+        }
     for row in rows:
-        if row["task"] == "memory":
-            assert row["peak_bytes"] > 0 and row["size"] == 42
-            assert abs(row["vs_timm"] - row["peak_bytes"] / timm[("memory", 1)]["peak_bytes"]) < 1e-9
+        if row["task"].startswith("memory"):
+            assert row["peak_bytes"] >= 0 and row["size"] == 42
+            reference = timm[(row["task"], 1)]["peak_bytes"]
+            expected = None if reference == 0 else row["peak_bytes"] / reference
+            assert row["vs_timm"] == pytest.approx(expected, abs=1e-9)
         else:
             assert abs(row["images_per_s"] - row["batch"] / row["seconds"]) < 1e-9
             assert abs(row["vs_timm"] - timm[(row["task"], row["batch"])]["seconds"] / row["seconds"]) < 1e-9
-            assert f"| {row['vs_timm']:.2f}x |" in result.stdout
+            flops = 2 * count_macs("s", 28) * (3 if row["task"] == "train_step" else 1)
+            assert abs(row["of_fp32_ceiling"] - row["images_per_s"] * flops / gemm["flops_per_s"]) < 1e-9
+            assert f"| {row['vs_timm']:.2f}x | {row['of_fp32_ceiling']:.0%} |" in result.stdout
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert (tmp_path / "bench.md").read_text().strip() in result.stdout

@@ -246,10 +246,12 @@ class BiLSTM2D(keras.layers.Layer):
         )
         if not use_fused:
             return self._mix_keras(x)
-        # TensorFlow: a scan (a while loop) compiles ~3x faster under XLA than the unrolled steps and runs
-        # within 3% of them (Sequencer2D-S, 224, 2 cores: first call 5.7 s vs 16.6 s; 8.46 vs 8.75 img/s).
+        # TensorFlow inference: a scan (a while loop) compiles ~3x faster under XLA than the unrolled steps and
+        # runs within 3% of them (Sequencer2D-S, 224, 2 cores: first call 5.7 s vs 16.6 s; 8.46 vs 8.75 img/s).
+        # Not for training: the gradient of Keras' TF scan keeps per-step lists of unbounded size, which
+        # `jit_compile=True` refuses ("XLA compilation requires a fixed tensor list size").
         # JAX keeps the unrolled steps (faster than lax.scan at batch 1: 1.02x vs 0.95x timm); torch is eager.
-        return self._mix_fused(x, scan=keras.backend.backend() == "tensorflow")
+        return self._mix_fused(x, scan=keras.backend.backend() == "tensorflow" and not training)
 
     def _mix_fused(self, x, scan=False):
         """All four directional LSTMs from one input projection and batched recurrent steps.
