@@ -90,7 +90,7 @@ def _bench(args) -> int:
     run(variants=args.variants, backends=args.backends, paths=args.paths, batch_sizes=args.batch_sizes,
         size=args.size, runs=args.runs, warmup=args.warmup, train=not args.no_train, memory=not args.no_memory,
         memory_size=args.memory_size, tflite=not args.no_tflite, gemm_size=args.gemm_size,
-        output=args.output)  # fmt: skip
+        dtype_policy=args.dtype_policy, output=args.output)  # fmt: skip
     print(f"wrote {args.output}/bench.json, bench.md, bench.png")
     return 0
 
@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-size", type=int, default=448)
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the fp32 matmul that sets the ceiling")
+    p.add_argument("--dtype-policy", choices=("float32", "mixed_bfloat16"), default="float32",
+                   help="Keras dtype policy of our model; timm runs under torch.autocast, same dtype")  # fmt: skip
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-tflite", action="store_true")

@@ -18,6 +18,10 @@ large float32 matmul (torch, 2048², same threads) divided by the model's
 matmul work (`analysis.count_macs`, LSTMs included; a training step counted
 as 3x the forward pass). No exact float32 implementation can pass 100 %.
 
+With `dtype_policy="mixed_bfloat16"` our model runs under that Keras policy and timm under
+`torch.autocast("cpu", torch.bfloat16)`: same compute dtype on both sides (the ceiling stays the fp32 one,
+so bfloat16 rows can pass 100 % on CPUs with AVX512-BF16 or AMX).
+
 The result: a table with images/s, the ratio to timm (same machine, same
 run) and the share of the ceiling, a JSON file with every number and the
 versions, and a PNG chart.
@@ -35,6 +39,9 @@ import time
 VARIANTS = ("s", "m", "l")
 BACKENDS = ("tensorflow", "jax", "torch")
 PATHS = ("auto", "keras", "fused")
+# Keras' policy for our model; timm runs under torch.autocast with the same compute dtype. float16 is
+# for GPUs, which this benchmark does not drive yet.
+DTYPE_POLICIES = ("float32", "mixed_bfloat16")
 
 
 def _median_seconds(fn, runs: int, warmup: int) -> float:
@@ -107,23 +114,29 @@ def _gemm_worker(job):
 
 
 def _timm_worker(job):
+    import contextlib
+
     import numpy as np
     import timm
     import torch
 
+    if job["dtype_policy"] == "mixed_bfloat16":  # timm's counterpart of Keras' mixed policy: autocast
+        precision = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        precision = contextlib.nullcontext
     rows = []
     for variant in job["variants"]:
         model = timm.create_model(f"sequencer2d_{variant}", pretrained=False).eval()
         if job["memory"]:
             side = job["memory_size"]
             x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, side, side)).astype("float32"))
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 rows += _memory_rows(lambda model=model, x=x: model(x), variant, side)
             continue
         for batch in job["batch_sizes"]:
             shape = (batch, 3, job["size"], job["size"])
             x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype("float32"))
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 seconds = _median_seconds(lambda x=x, model=model: model(x), job["runs"], job["warmup"])
             rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
         if job["train"]:
@@ -135,7 +148,9 @@ def _timm_worker(job):
 
             def step(model=model, optimizer=optimizer, x=x, y=y):
                 optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(model(x), y).backward()
+                with precision():
+                    logits = model(x)
+                torch.nn.functional.cross_entropy(logits.float(), y).backward()
                 optimizer.step()
 
             rows.append({"task": "train_step", "variant": variant, "batch": batch,
@@ -149,6 +164,7 @@ def _keras_worker(job):
 
     import keras_sequencer as ks
 
+    keras.mixed_precision.set_global_policy(job["dtype_policy"])
     builders = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}
     rows = []
     for variant in job["variants"]:
@@ -253,13 +269,17 @@ def run(
     memory_size=448,
     tflite=True,
     gemm_size=2048,
+    dtype_policy="float32",
     output="benchmarks/results",
     log=print,
 ) -> dict:
     """Runs the benchmark; returns `{"rows": [...], "machine": {...}}` and writes JSON, PNG and a table."""
+    if dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(f"`dtype_policy` must be one of {DTYPE_POLICIES}. Received: dtype_policy={dtype_policy!r}")
     backends = [b for b in (backends or BACKENDS) if _installed(b)]
     job = {"variants": list(variants), "batch_sizes": list(batch_sizes), "size": size, "runs": runs,
-           "warmup": warmup, "train": train, "memory": False, "memory_size": memory_size}  # fmt: skip
+           "warmup": warmup, "train": train, "memory": False, "memory_size": memory_size,
+           "dtype_policy": dtype_policy}  # fmt: skip
     rows = []
 
     def add(engine, path, found):
@@ -280,7 +300,9 @@ def run(
         for backend in backends:
             for path in paths:
                 add(f"keras-{backend}", path, _spawn("keras", {**job, "memory": True, "path": path}, backend=backend))
-    if tflite and _installed("ai_edge_litert") and _installed("tensorflow"):
+    if tflite and dtype_policy != "float32":
+        log("TFLite skipped: the export is float32 (its own quantisation options are `export`'s)")
+    elif tflite and _installed("ai_edge_litert") and _installed("tensorflow"):
         log("TFLite float32 (LiteRT) ...")
         with tempfile.TemporaryDirectory() as folder:
             files = _spawn("tflite_export", {**job, "folder": folder})
@@ -290,7 +312,7 @@ def run(
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
-    table = format_table(result["rows"])
+    table = format_table(result["rows"], dtype_policy)
     with open(os.path.join(output, "bench.md"), "w") as f:
         f.write(table + "\n")
     _plot(result["rows"], os.path.join(output, "bench.png"))
@@ -317,8 +339,9 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
     return rows
 
 
-def format_table(rows) -> str:
-    lines = ["| task | variant | batch | engine | path | images/s or peak MiB | vs timm | of fp32 ceiling |",
+def format_table(rows, dtype_policy="float32") -> str:
+    lines = [] if dtype_policy == "float32" else [f"dtype policy {dtype_policy} (timm: torch.autocast, bfloat16)\n"]
+    lines += ["| task | variant | batch | engine | path | images/s or peak MiB | vs timm | of fp32 ceiling |",
              "|---" * 8 + "|"]  # fmt: skip
     for row in sorted(rows, key=lambda r: (r["task"], r["variant"], r["batch"], r["engine"] != "timm", r["engine"],
                                            r["path"])):  # fmt: skip

@@ -257,7 +257,11 @@ def Sequencer2D(
 
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = keras.layers.Dense(classes, activation=classifier_activation, name="predictions")(x)
+        # Under a mixed policy (e.g. "mixed_bfloat16") the head computes in float32, as Keras' mixed-precision
+        # guide advises for the last layer: logits and probabilities keep float32 resolution.
+        policy = keras.config.dtype_policy()
+        head_dtype = "float32" if policy.compute_dtype != policy.variable_dtype else None
+        x = keras.layers.Dense(classes, activation=classifier_activation, name="predictions", dtype=head_dtype)(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
