@@ -10,11 +10,12 @@ training step (forward + backward + AdamW), after warm-up calls, as the
 median of `runs` calls; a separate process per engine measures the peak
 memory of inference at `memory_size`: the rise of the process' peak RSS over
 its RSS just before the call, for the first call (`memory`: compilation
-included, e.g. XLA) and for a second one (`memory_warm`: what a warmed-up
-model needs per call; Linux only, where the peak can be reset).
+included, e.g. XLA) and for a second one (`memory_warm`: the growth beyond
+what the process already holds after the first call, allocator pools
+included; Linux only, where the peak can be reset).
 
 Every speed is also set against the machine's fp32 ceiling: the rate of a
-large float32 matmul (torch, 2048², same threads) divided by the model's
+large float32 matmul (torch, 2048², torch's default threads) divided by the model's
 matmul work (`analysis.count_macs`, LSTMs included; a training step counted
 as 3x the forward pass). No exact float32 implementation can pass 100 %.
 
@@ -94,8 +95,9 @@ def _memory_rows(call, variant: str, size: int) -> list:
             break
         before = _rss_bytes()
         call()
-        peak = _hwm_bytes() if resettable else _peak_rss_bytes()
-        rows.append({"task": task, "variant": variant, "batch": 1, "size": size, "peak_bytes": max(peak - before, 0)})
+        peak = _hwm_bytes() if resettable else _peak_rss_bytes()  # the latter: lifetime peak, build included
+        rows.append({"task": task, "variant": variant, "batch": 1, "size": size, "peak_bytes": max(peak - before, 0),
+                     "peak_source": "VmHWM reset" if resettable else "ru_maxrss"})  # fmt: skip
     return rows
 
 
@@ -124,20 +126,25 @@ def _timm_worker(job):
         precision = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     else:
         precision = contextlib.nullcontext
+
+    def forward(model, x):  # autocast entered per call, as Keras casts its variables per call
+        with precision():
+            return model(x)
+
     rows = []
     for variant in job["variants"]:
         model = timm.create_model(f"sequencer2d_{variant}", pretrained=False).eval()
         if job["memory"]:
             side = job["memory_size"]
             x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, side, side)).astype("float32"))
-            with torch.no_grad(), precision():
-                rows += _memory_rows(lambda model=model, x=x: model(x), variant, side)
+            with torch.no_grad():
+                rows += _memory_rows(lambda model=model, x=x: forward(model, x), variant, side)
             continue
         for batch in job["batch_sizes"]:
             shape = (batch, 3, job["size"], job["size"])
             x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype("float32"))
-            with torch.no_grad(), precision():
-                seconds = _median_seconds(lambda x=x, model=model: model(x), job["runs"], job["warmup"])
+            with torch.no_grad():
+                seconds = _median_seconds(lambda x=x, model=model: forward(model, x), job["runs"], job["warmup"])
             rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
         if job["train"]:
             batch = max(job["batch_sizes"])
@@ -274,6 +281,8 @@ def run(
     log=print,
 ) -> dict:
     """Runs the benchmark; returns `{"rows": [...], "machine": {...}}` and writes JSON, PNG and a table."""
+    if gemm_size < 64:
+        raise ValueError(f"`gemm_size` must be at least 64 (2048 measures the rate). Received: gemm_size={gemm_size}")
     if dtype_policy not in DTYPE_POLICIES:
         raise ValueError(f"`dtype_policy` must be one of {DTYPE_POLICIES}. Received: dtype_policy={dtype_policy!r}")
     backends = [b for b in (backends or BACKENDS) if _installed(b)]

@@ -110,7 +110,8 @@ class BiLSTM2D(keras.layers.Layer):
       LSTMs at every position, then the recurrences advance together, one
       batched recurrent matmul per step (all four directions when the map is
       square, vertical and horizontal pairs otherwise), unrolled over the
-      sequence (a scan on TensorFlow, where it compiles faster under XLA).
+      sequence (a scan for inference on TensorFlow, where it compiles faster
+      under XLA; XLA cannot take the scan's gradient).
       Needs the height and width to be known when the model is traced (a
       fixed `input_shape`, or eager calls).
     - `"auto"` (default): `"fused"` for inference when the height and width
@@ -251,7 +252,9 @@ class BiLSTM2D(keras.layers.Layer):
         # Not for training: the gradient of Keras' TF scan keeps per-step lists of unbounded size, which
         # `jit_compile=True` refuses ("XLA compilation requires a fixed tensor list size").
         # JAX keeps the unrolled steps (faster than lax.scan at batch 1: 1.02x vs 0.95x timm); torch is eager.
-        return self._mix_fused(x, scan=keras.backend.backend() == "tensorflow" and not training)
+        # `training is False` (predict, evaluate), not `None`: a direct call inside a user's XLA-compiled
+        # GradientTape loop may leave `training` unset.
+        return self._mix_fused(x, scan=keras.backend.backend() == "tensorflow" and training is False)
 
     def _mix_fused(self, x, scan=False):
         """All four directional LSTMs from one input projection and batched recurrent steps.

@@ -40,8 +40,8 @@ class Sequencer2DModel(keras.Model):
         `make_predict_function(force=True)`) or a `tf.distribute` strategy
         holds the model (Keras' own rule), or the model computes in another
         dtype than float32 (e.g. under "mixed_bfloat16": XLA on CPU runs
-        bfloat16 about 2x slower than TensorFlow's own kernels, 5.2 vs 10.8
-        img/s for S at batch 16).
+        bfloat16 slower than TensorFlow's own kernels; `bench`, S at batch
+        16: 5.7 img/s with XLA, 8.7 without).
         Training, `evaluate` and direct calls `model(x)` keep Keras' defaults
         (`compile(jit_compile=...)`).
         """
