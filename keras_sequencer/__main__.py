@@ -221,10 +221,12 @@ def main(argv=None) -> int:
     p.set_defaults(run=_export)
 
     p = commands.add_parser("bench", help="time ours against timm (every backend and path), table/JSON/PNG")
-    p.add_argument("--variants", nargs="+", choices=("s", "m", "l"), default=["s"])
-    p.add_argument("--backends", nargs="+", choices=("tensorflow", "jax", "torch"), default=None,
+    from keras_sequencer import bench  # standard library only at import time
+
+    p.add_argument("--variants", nargs="+", choices=bench.VARIANTS, default=["s"])
+    p.add_argument("--backends", nargs="+", choices=bench.BACKENDS, default=None,
                    help="default: every installed backend")  # fmt: skip
-    p.add_argument("--paths", nargs="+", choices=("auto", "keras", "fused"), default=["auto", "keras", "fused"],
+    p.add_argument("--paths", nargs="+", choices=bench.PATHS, default=list(bench.PATHS),
                    help="implementation= values; auto is the default users get")  # fmt: skip
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--size", type=int, default=224)
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-size", type=int, default=448)
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the fp32 matmul that sets the ceiling")
-    p.add_argument("--dtype-policy", choices=("float32", "mixed_bfloat16"), default="float32",
+    p.add_argument("--dtype-policy", choices=bench.DTYPE_POLICIES, default="float32",
                    help="Keras dtype policy of our model; timm runs under torch.autocast, same dtype")  # fmt: skip
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-memory", action="store_true")

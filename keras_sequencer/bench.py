@@ -40,9 +40,10 @@ import time
 VARIANTS = ("s", "m", "l")
 BACKENDS = ("tensorflow", "jax", "torch")
 PATHS = ("auto", "keras", "fused")
-# Keras' policy for our model; timm runs under torch.autocast with the same compute dtype. float16 is
+# Keras' policy for our model -> the dtype of timm's torch.autocast (None: plain float32). float16 is
 # for GPUs, which this benchmark does not drive yet.
-DTYPE_POLICIES = ("float32", "mixed_bfloat16")
+_AUTOCAST = {"float32": None, "mixed_bfloat16": "bfloat16"}
+DTYPE_POLICIES = tuple(_AUTOCAST)
 
 
 def _median_seconds(fn, runs: int, warmup: int) -> float:
@@ -122,13 +123,11 @@ def _timm_worker(job):
     import timm
     import torch
 
-    if job["dtype_policy"] == "mixed_bfloat16":  # timm's counterpart of Keras' mixed policy: autocast
-        precision = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    else:
-        precision = contextlib.nullcontext
+    autocast = _AUTOCAST[job["dtype_policy"]]  # timm's counterpart of Keras' mixed policy
 
     def forward(model, x):  # autocast entered per call, as Keras casts its variables per call
-        with precision():
+        precision = torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+        with precision:
             return model(x)
 
     rows = []
@@ -155,9 +154,7 @@ def _timm_worker(job):
 
             def step(model=model, optimizer=optimizer, x=x, y=y):
                 optimizer.zero_grad(set_to_none=True)
-                with precision():
-                    logits = model(x)
-                torch.nn.functional.cross_entropy(logits.float(), y).backward()
+                torch.nn.functional.cross_entropy(forward(model, x).float(), y).backward()
                 optimizer.step()
 
             rows.append({"task": "train_step", "variant": variant, "batch": batch,
@@ -349,7 +346,8 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
 
 
 def format_table(rows, dtype_policy="float32") -> str:
-    lines = [] if dtype_policy == "float32" else [f"dtype policy {dtype_policy} (timm: torch.autocast, bfloat16)\n"]
+    autocast = _AUTOCAST[dtype_policy]
+    lines = [f"dtype policy {dtype_policy} (timm: torch.autocast, {autocast})\n"] if autocast else []
     lines += ["| task | variant | batch | engine | path | images/s or peak MiB | vs timm | of fp32 ceiling |",
              "|---" * 8 + "|"]  # fmt: skip
     for row in sorted(rows, key=lambda r: (r["task"], r["variant"], r["batch"], r["engine"] != "timm", r["engine"],

@@ -10,6 +10,7 @@ timm's PyTorch model is the independent reference everywhere.
 import timm  # noqa: F401
 # isort: on
 
+import contextlib
 import functools
 import os
 import re
@@ -61,7 +62,18 @@ def timm_logits(variant: str, images_nhwc: np.ndarray, **kwargs) -> np.ndarray:
 
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
-        return timm_model(variant, **kwargs)(x).numpy()
+        return timm_model(variant, **kwargs)(x).float().numpy()  # float(): float32 also under torch.autocast
+
+
+@contextlib.contextmanager
+def global_dtype_policy(name: str):
+    """Keras' global dtype policy set to `name` inside the block, restored after it."""
+    previous = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def authors_layout(state_dict: dict, layers) -> dict:

@@ -1,6 +1,6 @@
 """The builder: resolution independence, heads, pooling, and argument errors."""
 
-from conftest import TINY, to_numpy
+from conftest import TINY, global_dtype_policy, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -169,12 +169,8 @@ def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch)
     if tensorflow:
         assert "one_step_on_data" not in jit_requests
     # Nor under a bfloat16 policy (XLA's CPU bfloat16 is slower than TensorFlow's kernels).
-    previous = keras.config.dtype_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    with global_dtype_policy("mixed_bfloat16"):
         mixed = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     mixed.set_weights(model.get_weights())
     np.testing.assert_allclose(to_numpy(mixed.predict_on_batch(x)), eager, rtol=0, atol=0.05 * np.abs(eager).max())
     if tensorflow:
