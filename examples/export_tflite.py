@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 # Timed in a fresh interpreter process: in the exporting process TensorFlow's thread pools compete with
-# LiteRT's (measured: 318 ms vs 145 ms for the same float32 file).
+# LiteRT's and slow it down (benchmarks/README.md).
 _TIMING = """
 import json, sys, time
 import numpy as np

@@ -21,17 +21,15 @@ from keras_sequencer import data
 
 def load_datasets(dataset: str, image_size: int, batch_size: int, data_dir=None):
     """Training and validation tf.data pipelines plus the class count."""
-    kind, _, location = dataset.partition(":")
-    if kind == "tfds":
-        train_src, num_classes = data.tfds_source(location, "train[:90%]", data_dir)
-        val_src, _ = data.tfds_source(location, "train[90%:]", data_dir)
-    elif kind == "folder":
-        source, names = data.folder_source(location)
-        num_classes, count = len(names), int(source.cardinality())
+    kind, _ = data.parse_dataset_spec(dataset)
+    if kind == "folder":  # one folder of class sub-folders: hold out a tenth
+        source, num_classes = data.load_split(dataset)
+        count = int(source.cardinality())
         source = source.shuffle(count, seed=0, reshuffle_each_iteration=False)
         val_src, train_src = source.take(max(count // 10, 1)), source.skip(max(count // 10, 1))
     else:
-        raise ValueError(f"`dataset` must be 'tfds:NAME' or 'folder:PATH'. Received: dataset={dataset!r}")
+        train_src, num_classes = data.load_split(dataset, "train[:90%]", data_dir)
+        val_src, _ = data.load_split(dataset, "train[90%:]", data_dir)
     # Light augmentation for transfer (the ImageNet recipe's mixing is for training from scratch).
     augment = data.Augment(scale=(0.35, 1.0), rand_augment=0.0, erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
     train = data.make_dataset(train_src, num_classes, batch_size, True, image_size, augment, seed=0)

@@ -17,7 +17,7 @@ from keras_sequencer.models import (
     list_models,
     stage_info,
 )
-from keras_sequencer.pretrained import CHECKPOINTS
+from keras_sequencer.presets import CHECKPOINTS
 
 __version__ = "0.1.0"
 
@@ -29,10 +29,10 @@ __all__ = [
     "Sequencer2DS",
     "convert_state_dict",
     "create_model",
-    "feature_extractor",
-    "list_models",
-    "stage_info",
     "decode_predictions",
+    "feature_extractor",
     "layers",
+    "list_models",
     "preprocess_input",
+    "stage_info",
 ]

@@ -5,14 +5,19 @@ import json
 import os
 import sys
 
+from keras_sequencer.presets import IMAGENET_EVAL
+
 
 def _convert(args) -> int:
-    from keras_sequencer.pretrained import read_checkpoint, save_converted
+    import keras_sequencer as ks
+    from keras_sequencer.models.weights import save_weights
 
     if not args.out.endswith(".weights.h5"):
-        raise SystemExit(f"--out must end with .weights.h5 (Keras' weights format). Received: --out {args.out}")
-    count = save_converted(read_checkpoint(args.source), args.variant, args.out)
-    print(f"converted {count} variables of Sequencer2D-{args.variant.upper()} -> {args.out}")
+        raise ValueError(f"--out must end with .weights.h5 (Keras' weights format). Received: --out {args.out}")
+    # Building the variant with the checkpoint converts it strictly: every tensor used once, shapes checked.
+    model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.source, classifier_activation=None)
+    save_weights(model, args.out)
+    print(f"converted {len(model.weights)} variables of Sequencer2D-{args.variant.upper()} -> {args.out}")
     return 0
 
 
@@ -22,8 +27,7 @@ def _predict(args) -> int:
     import keras_sequencer as ks
     from keras_sequencer.imagenet import load_image
 
-    builder = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}[args.variant]
-    model = builder(weights=args.weights)
+    model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.weights)
     images = np.stack([load_image(path, size=args.size) for path in args.images])
     for path, row in zip(
         args.images, ks.decode_predictions(model.predict(images, verbose=0), top=args.top), strict=True
@@ -110,19 +114,7 @@ def _eval_resolution(args) -> int:
     from keras_sequencer import data
     from keras_sequencer.analysis import evaluate_resolutions, plot_resolution_curve
 
-    kind, _, location = args.dataset.partition(":")
-    if kind == "tfds":
-        source, _ = data.tfds_source(location, args.split, args.data_dir)
-    elif kind == "folder":
-        source, _ = data.folder_source(location)
-    elif args.dataset == "fashion_mnist":
-        import tensorflow as tf
-
-        (x_train, y_train), (x_test, y_test) = data.load_fashion_mnist(args.data_dir)
-        images, labels = (x_test, y_test) if args.split == "test" else (x_train, y_train)
-        source = tf.data.Dataset.from_tensor_slices((images, labels.astype("int64")))
-    else:
-        raise ValueError(f"--dataset must be tfds:NAME, folder:PATH or fashion_mnist. Received: {args.dataset}")
+    source, _ = data.load_split(args.dataset, args.split, args.data_dir)
     if args.limit:
         source = source.take(args.limit)
     result = evaluate_resolutions(_research_model(args), source, args.resolutions, crop_pct=args.crop_pct,
@@ -139,17 +131,14 @@ def _erf(args) -> int:
     import numpy as np
 
     from keras_sequencer.analysis import effective_receptive_field, erf_area_ratios, plot_erf
+    from keras_sequencer.data import IMAGE_EXTENSIONS, list_images
     from keras_sequencer.imagenet import load_image
 
     paths = []
     for item in args.images:
-        if os.path.isdir(item):
-            paths += [os.path.join(item, n) for n in sorted(os.listdir(item))
-                      if n.lower().endswith((".jpg", ".jpeg", ".png", ".bmp"))]  # fmt: skip
-        else:
-            paths.append(item)
+        paths += list_images(item) if os.path.isdir(item) else [item]
     if not paths:
-        raise ValueError(f"No images found in {args.images}")
+        raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {args.images}")
     images = np.stack([load_image(p, size=args.size) for p in paths])
     erf = effective_receptive_field(_research_model(args), images, stage=args.stage)
     plot_erf(erf, args.output, title=f"ERF, stage {args.stage}, {len(paths)} images")
@@ -158,7 +147,7 @@ def _erf(args) -> int:
 
 
 def _manifest(args) -> int:
-    from keras_sequencer.pretrained import manifest
+    from keras_sequencer.presets import manifest
 
     print(json.dumps(manifest(), indent=2))
     return 0
@@ -177,7 +166,8 @@ def main(argv=None) -> int:
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train", help="train / fine-tune on a tfds dataset or an image folder")
-    p.add_argument("--dataset", required=True, help="tfds:NAME (already prepared) or folder:PATH")
+    p.add_argument("--dataset", required=True,
+                   help="tfds:NAME (prepared), folder:PATH (PATH/<split>/<class>/...) or fashion_mnist")  # fmt: skip
     p.add_argument("--variant", default="s", choices=["s", "m", "l"])
     p.add_argument("--recipe", default="imagenet", help="imagenet | finetune392 | cifar_transfer | fashion_mnist")
     p.add_argument("--weights", default="none", help="none | imagenet | PATH")
@@ -202,7 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+")
     p.add_argument("--variant", default="s", choices=["s", "m", "l"])
     p.add_argument("--weights", default="imagenet", help="'imagenet' or a weights / checkpoint path")
-    p.add_argument("--size", type=int, default=224, help="centre-crop size (resize to size/0.875 first)")
+    p.add_argument("--size", type=int, default=IMAGENET_EVAL.input_size,
+                   help="centre-crop size (resize to size/crop_pct first)")  # fmt: skip
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(run=_predict)
 
@@ -251,15 +242,17 @@ def main(argv=None) -> int:
         if command == "erf":
             p.add_argument("--stage", type=int, default=-1, help="stage index (-1: the last)")
             p.add_argument("--images", nargs="+", required=True, help="image files or folders")
-            p.add_argument("--size", type=int, default=224)
+            p.add_argument("--size", type=int, default=IMAGENET_EVAL.input_size)
             p.add_argument("--output", default="reports/erf.png")
             p.set_defaults(run=_erf)
         else:
             p.add_argument("--dataset", required=True, help="tfds:NAME (prepared), folder:PATH or fashion_mnist")
-            p.add_argument("--split", default="test")
+            p.add_argument("--split", default=None,
+                           help="tfds: required (e.g. validation); folder: a sub-folder of PATH (default: PATH "
+                                "itself); fashion_mnist: train or test (default)")  # fmt: skip
             p.add_argument("--data-dir", default=None)
             p.add_argument("--resolutions", type=int, nargs="+", default=[160, 192, 224, 256, 288, 320, 384, 448])
-            p.add_argument("--crop-pct", type=float, default=0.875)
+            p.add_argument("--crop-pct", type=float, default=IMAGENET_EVAL.crop_pct)
             p.add_argument("--batch-size", type=int, default=64)
             p.add_argument("--limit", type=int, default=None, help="only the first N images")
             p.add_argument("--trained-at", type=int, default=224, help="marked on the plot")

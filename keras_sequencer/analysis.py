@@ -21,8 +21,9 @@ import os
 import keras
 import numpy as np
 
-from keras_sequencer.models.presets import variant_config
-from keras_sequencer.models.registry import stage_info
+from keras_sequencer.data import eval_transform
+from keras_sequencer.models.features import stage_info
+from keras_sequencer.presets import IMAGENET_EVAL, variant_config
 
 # ---------------------------------------------------------------------------- cost
 
@@ -72,22 +73,22 @@ def count_macs(variant="s", image_size: int = 224, include_lstm: bool = True, nu
 # ---------------------------------------------------------------------------- resolution
 
 
-def evaluate_resolutions(model, dataset, resolutions, crop_pct: float = 0.875, batch_size: int = 64) -> dict:
+def evaluate_resolutions(
+    model, dataset, resolutions, crop_pct: float = IMAGENET_EVAL.crop_pct, batch_size: int = 64
+) -> dict:
     """Top-1 accuracy of `model` on `dataset` at each square test resolution.
 
     Args:
         model: a classifier taking any image size (`input_shape=(None, None, C)`),
             on the same pixel scale as the dataset's images.
         dataset: a `tf.data.Dataset` of `(image, label)` (any image size), e.g.
-            from `keras_sequencer.data.tfds_source` or `folder_source`.
+            from `keras_sequencer.data.load_split`.
         resolutions: test sizes, e.g. `(160, 192, 224, 256, 288, 320, 384, 448)`.
 
     Returns:
         `{"resolutions": [...], "accuracy": [...], "images": n}`.
     """
     import tensorflow as tf
-
-    from keras_sequencer.data import eval_transform
 
     _, height, width, _ = model.input_shape
     if height is not None or width is not None:

@@ -1,6 +1,6 @@
 """timm / authors' Sequencer2D checkpoints -> Keras variables, in pure NumPy.
 
-Both published layouts are accepted (reference sheet §6):
+Both published layouts are accepted:
 
 - timm (Hugging Face hub, timm >= 0.9): `stages.{s}.blocks.{j}.*`,
   `stages.{s}.downsample.down.*`, `head.fc.*`;
@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from keras_sequencer.models.presets import VARIANTS
+from keras_sequencer.presets import VARIANTS
 
 _LSTM_DIRECTIONS = (("", "forward_lstm"), ("_reverse", "backward_lstm"))
 
@@ -124,7 +124,7 @@ def convert_state_dict(
             takes), in either published layout; a `module.` prefix is removed.
         config: the architecture, with keys `layers`, `patch_sizes`,
             `embed_dims`, `hidden_sizes` (and optionally `mlp_ratios`), e.g.
-            `keras_sequencer.models.variant_config("s")`.
+            `keras_sequencer.presets.variant_config("s")`.
         include_top: whether to convert the classifier head. Without it the
             head tensors are accepted and left unused.
 

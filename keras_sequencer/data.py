@@ -6,7 +6,7 @@ grey) in [0, 255], channels last, for a model built with
 mixing) float32 vectors, for `keras.losses.CategoricalCrossentropy`.
 
 The training transforms follow the authors' ImageNet recipe (timm 0.5.4
-`train.py`, reference sheet §3): RandomResizedCrop (scale 0.08-1, ratio
+`train.py`): RandomResizedCrop (scale 0.08-1, ratio
 3/4-4/3, bilinear or bicubic at random), horizontal flip, RandAugment,
 random erasing 0.25, Mixup 0.8 / CutMix 1.0 (one or the other per batch,
 switch 0.5) and label smoothing 0.1. Evaluation resizes the short side to
@@ -21,6 +21,10 @@ import os
 
 import numpy as np
 
+from keras_sequencer.presets import IMAGENET_EVAL
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DATASET_SPECS = ("tfds:NAME", "folder:PATH", "fashion_mnist")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -112,8 +116,11 @@ def load_fashion_mnist(data_dir: str | None = None):
 # === Per-image transforms (TensorFlow ops, inside tf.data) ===
 
 
-def eval_transform(image, size: int = 224, crop_pct: float = 0.875):
-    """Resize the short side to `int(size / crop_pct)` (bicubic), then centre-crop `size x size`."""
+def eval_transform(image, size: int = IMAGENET_EVAL.input_size, crop_pct: float = IMAGENET_EVAL.crop_pct):
+    """Resize the short side to `int(size / crop_pct)` (bicubic), then centre-crop `size x size`.
+
+    timm's evaluation transform (`keras_sequencer.presets.EvalConfig`) as TensorFlow ops.
+    """
     import tensorflow as tf
 
     shape = tf.shape(image)
@@ -122,7 +129,9 @@ def eval_transform(image, size: int = 224, crop_pct: float = 0.875):
     scale = short / tf.minimum(height, width)
     new_h = tf.maximum(tf.cast(height * scale, tf.int32), int(short))
     new_w = tf.maximum(tf.cast(width * scale, tf.int32), int(short))
-    image = tf.image.resize(tf.cast(image, tf.float32), (new_h, new_w), method="bicubic", antialias=True)
+    image = tf.image.resize(
+        tf.cast(image, tf.float32), (new_h, new_w), method=IMAGENET_EVAL.interpolation, antialias=True
+    )
     top, left = (new_h - size) // 2, (new_w - size) // 2
     image = tf.image.crop_to_bounding_box(image, top, left, size, size)
     return tf.clip_by_value(image, 0.0, 255.0)
@@ -156,8 +165,8 @@ def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
 def pad_and_crop(images, pad: int):
     """Pads each image of a batch by `pad` pixels (zeros) and crops it back at its own random offset.
 
-    Vectorised over the batch (two gathers) rather than mapped per image, which
-    shared the CPU with training (demo model, 2 cores: ~335 -> ~300 ms/step).
+    Vectorised over the batch (two gathers) rather than mapped per image,
+    which costs less of the CPU that training shares.
     """
     import tensorflow as tf
 
@@ -243,7 +252,7 @@ def make_dataset(
     training: bool,
     image_size: int | None = None,
     augment: Augment | None = None,
-    crop_pct: float = 0.875,
+    crop_pct: float = IMAGENET_EVAL.crop_pct,
     shuffle_buffer: int = 10_000,
     seed: int | None = None,
     drop_remainder: bool | None = None,
@@ -350,7 +359,7 @@ def folder_source(directory: str):
     paths, labels = [], []
     for index, name in enumerate(class_names):
         for file in sorted(os.listdir(os.path.join(directory, name))):
-            if file.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".gif")):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(directory, name, file))
                 labels.append(index)
 
@@ -360,3 +369,55 @@ def folder_source(directory: str):
 
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE), class_names
+
+
+def list_images(directory: str) -> list[str]:
+    """The image files (`IMAGE_EXTENSIONS`) directly in `directory`, sorted by name."""
+    return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+# === Dataset specs ===
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
+    """Splits a dataset spec: `"tfds:NAME"`, `"folder:PATH"` or `"fashion_mnist"` -> `(kind, NAME | PATH | None)`."""
+    kind, colon, location = str(spec).partition(":")
+    if (kind in ("tfds", "folder") and colon and location) or (spec == "fashion_mnist"):
+        return kind, location or None
+    raise ValueError(
+        f"`dataset` must be one of {', '.join(DATASET_SPECS)} (a tfds dataset already prepared in `data_dir`, "
+        f"a folder of class sub-folders, or Fashion-MNIST from Debian's package). Received: dataset={spec!r}"
+    )
+
+
+def load_split(spec: str, split: str | None = None, data_dir: str | None = None):
+    """`(image, integer label)` pairs of one split of a dataset spec, and its class count.
+
+    - `"tfds:NAME"`: the tfds split `split` (required), prepared in `data_dir`;
+      nothing is downloaded.
+    - `"folder:PATH"`: `PATH/<split>/<class>/<images>`, or `PATH/<class>/<images>`
+      when `split` is None.
+    - `"fashion_mnist"`: `split` "train" or "test" (default), read from
+      `data_dir` or Debian's `dataset-fashion-mnist`.
+    """
+    kind, location = parse_dataset_spec(spec)
+    if kind == "tfds":
+        if not split:
+            raise ValueError(f"A tfds dataset needs a split name (e.g. 'validation'). Received: split={split!r}")
+        return tfds_source(location, split, data_dir)
+    if kind == "folder":
+        directory = location if split is None else os.path.join(location, split)
+        if not os.path.isdir(directory):
+            raise ValueError(
+                f"`folder:{location}` with split {split!r} reads {directory}, which is not a folder. "
+                f"Received: dataset={spec!r}, split={split!r}"
+            )
+        source, names = folder_source(directory)
+        return source, len(names)
+    if split not in (None, "train", "test"):
+        raise ValueError(f"Fashion-MNIST has the splits 'train' and 'test'. Received: split={split!r}")
+    import tensorflow as tf
+
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist(data_dir)
+    images, labels = (x_train, y_train) if split == "train" else (x_test, y_test)
+    return tf.data.Dataset.from_tensor_slices((images, labels)), len(FASHION_MNIST_CLASSES)

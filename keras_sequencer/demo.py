@@ -16,12 +16,10 @@ import numpy as np
 from keras_sequencer import data, train
 from keras_sequencer.models import Sequencer2D
 
-# A Sequencer2D sized for 28x28 images and a 15-minute CPU budget: 4x4 patches ->
+# A Sequencer2D sized for 28x28 images and a CPU budget of minutes: 4x4 patches ->
 # a 7x7 token grid, one stage of three blocks at 64 channels, hidden size a quarter
-# of the channels as in the paper's S/M/L. Measured on 2 cores (TensorFlow, batch
-# 256, see docs/design.md): the previous 2+2 blocks at 96/128 channels trained at
-# ~210 s/epoch and reached 88.8% in 6 epochs; this one runs ~72 s/epoch and gets
-# further in the same time (more epochs beat more width at this budget).
+# of the channels as in the paper's S/M/L. At this budget more epochs beat more
+# width (the comparison is in benchmarks/README.md).
 DEMO_ARCH = {
     "layers": (3,),
     "patch_sizes": (4,),

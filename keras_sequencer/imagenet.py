@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from keras_sequencer.presets import IMAGENET_EVAL
+
 _CLASS_INDEX = os.path.join(os.path.dirname(__file__), "imagenet_class_index.json")
 
 
@@ -67,12 +69,12 @@ def decode_predictions(preds, top: int = 5) -> list[list[tuple[str, str, float]]
     return results
 
 
-def load_image(path, size: int = 224, crop_pct: float = 0.875) -> np.ndarray:
+def load_image(path, size: int = IMAGENET_EVAL.input_size, crop_pct: float = IMAGENET_EVAL.crop_pct) -> np.ndarray:
     """Loads an image the way the reference evaluates ImageNet.
 
     Resizes the short side to `int(size / crop_pct)` (256 for 224) with bicubic
     interpolation, then takes the central `size x size` crop (timm's eval
-    transform for Sequencer2D). Needs Pillow.
+    transform for Sequencer2D, `keras_sequencer.presets.EvalConfig`). Needs Pillow.
 
     Args:
         path: image file.
@@ -94,7 +96,7 @@ def load_image(path, size: int = 224, crop_pct: float = 0.875) -> np.ndarray:
             new_size = (short, int(short * height / width))
         else:
             new_size = (int(short * width / height), short)
-        image = image.resize(new_size, Image.BICUBIC)
+        image = image.resize(new_size, Image.Resampling[IMAGENET_EVAL.interpolation.upper()])
         width, height = image.size
         left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
         image = image.crop((left, top, left + size, top + size))

@@ -1,99 +1,27 @@
-"""Pretrained checkpoints: where they live, how they are fetched, verified and loaded.
+"""Published checkpoints: fetched, cached, verified and read.
 
-`weights="imagenet"` downloads the reference checkpoint with
-`keras.utils.get_file` (progress bar, cache, sha256 where known), converts it
-once with `keras_sequencer.convert`, caches the converted Keras
-`.weights.h5` beside it and loads that. Set `KERAS_SEQUENCER_HUB_URL` to serve
-the checkpoints from a mirror (or a local server) with the Hugging Face layout
-`{base}/{repo}/resolve/main/model.safetensors`.
+`fetch_checkpoint(variant)` downloads a variant's reference checkpoint with
+`keras.utils.get_file` (progress bar, cache, sha256 where one is pinned in
+`keras_sequencer.presets.CHECKPOINTS`) into
+`$KERAS_HOME/models/keras_sequencer`, falling back to the authors' release
+when the hub is unreachable and torch is installed. Set
+`KERAS_SEQUENCER_HUB_URL` to serve the checkpoints from a mirror (or a local
+server) with the Hugging Face layout `{base}/{repo}/resolve/main/model.safetensors`.
+`read_checkpoint(path)` turns a `.safetensors` / `.pth` file into NumPy arrays.
+Nothing here knows the model: `keras_sequencer.convert` maps the names and
+`keras_sequencer.models.weights` loads them.
 """
 
-import dataclasses
 import hashlib
 import os
-import tempfile
-import warnings
 
-import h5py
 import keras
 import numpy as np
 
-from keras_sequencer.convert import convert_state_dict
-from keras_sequencer.models.presets import variant_config
+from keras_sequencer.presets import CHECKPOINTS, Checkpoint
 
-HUB_URL = "https://huggingface.co"
-HUB_URL_ENV = "KERAS_SEQUENCER_HUB_URL"
 CACHE_SUBDIR = os.path.join("models", "keras_sequencer")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """One published checkpoint of a variant."""
-
-    variant: str
-    tag: str  # timm's pretrained tag
-    hub_repo: str  # Hugging Face repository holding model.safetensors
-    sha256: str | None  # of model.safetensors; None where no hash was published
-    fallback_url: str  # the authors' GitHub release (.pth, needs torch)
-    license: str = "apache-2.0"
-    top1: float | None = None  # ImageNet-1k top-1 at 224, timm's evaluation
-
-    def url(self, base: str | None = None) -> str:
-        base = (base or os.environ.get(HUB_URL_ENV) or HUB_URL).rstrip("/")
-        return f"{base}/{self.hub_repo}/resolve/main/model.safetensors"
-
-    @property
-    def filename(self) -> str:
-        return f"{self.tag}.safetensors"
-
-
-_RELEASE = "https://github.com/okojoalg/sequencer/releases/download/weights"
-
-CHECKPOINTS: dict[str, Checkpoint] = {
-    "s": Checkpoint(
-        "s",
-        "sequencer2d_s.in1k",
-        "timm/sequencer2d_s.in1k",
-        "ef70ff18ff4f615c53009fde2ffe2f00e47376858d6da329fca2017baaffa946",
-        f"{_RELEASE}/sequencer2d_s.pth",
-        top1=82.336,
-    ),
-    "m": Checkpoint(
-        "m",
-        "sequencer2d_m.in1k",
-        "timm/sequencer2d_m.in1k",
-        None,  # only the hash of pytorch_model.bin is known; keys and shapes are still checked
-        f"{_RELEASE}/sequencer2d_m.pth",
-        top1=82.836,
-    ),
-    "l": Checkpoint(
-        "l",
-        "sequencer2d_l.in1k",
-        "timm/sequencer2d_l.in1k",
-        "4104172887d330aec2e0ab09705e09962fa2a77a475a7792e36e0d6065f231a2",
-        f"{_RELEASE}/sequencer2d_l.pth",
-        top1=83.406,
-    ),
-}
-
-
-def manifest() -> dict:
-    """The registry as plain data (what `weights/manifest.json` holds)."""
-    return {
-        "checkpoints": [
-            {
-                "variant": c.variant,
-                "tag": c.tag,
-                "url": c.url(HUB_URL),
-                "sha256": c.sha256,
-                "fallback_url": c.fallback_url,
-                "license": c.license,
-                "imagenet_top1": c.top1,
-            }
-            for c in CHECKPOINTS.values()
-        ]
-    }
 
 
 # === Reading files ===
@@ -146,73 +74,6 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
 
 
-def assign(model: keras.Model, variables: dict[str, np.ndarray]) -> None:
-    """Assigns converted arrays to `model`, strictly: every variable exactly once."""
-    by_path = {v.path: v for v in model.weights}
-    missing = sorted(set(by_path) - set(variables))
-    extra = sorted(set(variables) - set(by_path))
-    if missing or extra:
-        raise ValueError(
-            f"Converted weights do not fit model '{model.name}': missing {missing[:3]}, unexpected {extra[:3]}."
-        )
-    for path, value in variables.items():
-        var = by_path[path]
-        if tuple(var.shape) != value.shape:
-            raise ValueError(
-                f"Weight '{path}' of model '{model.name}' has shape {tuple(var.shape)}, "
-                f"but the checkpoint gives {value.shape}."
-            )
-        var.assign(value)
-
-
-def _h5_shapes(path: str) -> list[tuple]:
-    shapes = []
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda _, obj: shapes.append(tuple(obj.shape)) if isinstance(obj, h5py.Dataset) else None)
-    return shapes
-
-
-def _load_keras_weights(model: keras.Model, path: str, include_top: bool) -> None:
-    """`model.load_weights`, after checking the file holds exactly this architecture.
-
-    Keras matches layers by position and silently ignores extra layers in the
-    file, so a file from a deeper variant would half-load. The multiset of
-    array shapes is compared first; a headless model may skip the file's head.
-    """
-    have = sorted(_h5_shapes(path))
-    want = sorted(tuple(v.shape) for v in model.weights)
-    if have != want and not include_top:
-        extra = list(have)
-        for shape in want:
-            if shape in extra:
-                extra.remove(shape)
-        is_head = len(extra) == 2 and sorted(len(s) for s in extra) == [1, 2] and len(have) == len(want) + 2
-        if is_head:
-            have = want
-    if have != want:
-        raise ValueError(
-            f"The weights file '{path}' holds {len(have)} arrays that do not match the "
-            f"{len(want)} weights of model '{model.name}': it was saved from another "
-            "architecture (variant, classes or include_top). Received: weights=" + repr(path)
-        )
-    with warnings.catch_warnings():
-        # A headless model skips the head's group; Keras warns about it.
-        warnings.filterwarnings("ignore", message="Skipping nested container")
-        model.load_weights(path)
-
-
-def load_weights(model: keras.Model, weights: str, config: dict, variant: str | None, include_top: bool) -> None:
-    """Loads `weights` ("imagenet" or a path) into a freshly built Sequencer2D."""
-    if weights == "imagenet":
-        _load_keras_weights(model, imagenet_weights_path(variant), include_top)
-        return
-    path = os.fspath(weights)
-    if path.endswith(".weights.h5"):
-        _load_keras_weights(model, path, include_top)
-        return
-    assign(model, convert_state_dict(read_checkpoint(path), config, include_top=include_top))
-
-
 # === Downloading ===
 
 
@@ -240,7 +101,8 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
+    """Deletes `path` if it exists (a cache entry that must not be used again)."""
     if os.path.exists(path):
         os.remove(path)
 
@@ -275,7 +137,7 @@ def fetch_checkpoint(variant: str) -> str:
             cache_subdir=CACHE_SUBDIR,
         )
     except ValueError as e:  # raised by get_file on a hash mismatch
-        _remove(os.path.join(directory, checkpoint.filename))
+        remove(os.path.join(directory, checkpoint.filename))
         raise ValueError(
             f"The downloaded checkpoint {checkpoint.url()} failed its sha256 check (expected "
             f"{checkpoint.sha256}); it was truncated or replaced, and has been removed from the "
@@ -309,41 +171,11 @@ def _fetch_fallback(checkpoint: Checkpoint) -> str | None:
         return None
 
 
-def save_converted(state_dict: dict, variant: str, target: str) -> int:
-    """Converts a variant's timm / authors' state_dict and writes it as a Keras `.weights.h5`.
+def converted_path(source: str, variant: str) -> str:
+    """Where the Keras `.weights.h5` converted from the checkpoint file `source` is cached.
 
-    The file is written to a temporary name and renamed, so `target` never
-    holds a half-written file. Returns the number of converted variables.
+    The name carries the first 12 hex digits of the source's sha256, so a
+    replaced source never reuses an old conversion.
     """
-    from keras_sequencer.models.sequencer2d import Sequencer2D
-
-    config = variant_config(variant)
-    converted = convert_state_dict(state_dict, config)
-    reference = Sequencer2D(**config, weights=None, classifier_activation=None, name=f"sequencer2d_{variant}")
-    assign(reference, converted)
-    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(os.path.abspath(target)))
-    os.close(fd)
-    try:
-        reference.save_weights(tmp)
-        os.replace(tmp, target)
-    finally:
-        _remove(tmp)
-    return len(converted)
-
-
-def imagenet_weights_path(variant: str) -> str:
-    """Path of the converted `.weights.h5` of a variant, fetching and converting once."""
-    source = fetch_checkpoint(variant)
     digest = _sha256(source)
-    target = os.path.join(os.path.dirname(source), f"{CHECKPOINTS[variant].tag}-{digest[:12]}.weights.h5")
-    if os.path.exists(target):
-        return target
-    try:
-        save_converted(read_checkpoint(source), variant, target)
-    except ValueError as e:
-        _remove(source)  # a corrupt or foreign file must not stay in the cache
-        raise ValueError(
-            f"The checkpoint downloaded for Sequencer2D-{variant.upper()} cannot be used and was "
-            f"removed from the cache: {e}"
-        ) from e
-    return target
+    return os.path.join(os.path.dirname(source), f"{CHECKPOINTS[variant].tag}-{digest[:12]}.weights.h5")

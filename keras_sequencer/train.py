@@ -6,13 +6,18 @@ import os
 
 import keras
 
+from keras_sequencer import data
 from keras_sequencer.data import NO_AUGMENT, Augment
+from keras_sequencer.models import Sequencer2D
+from keras_sequencer.presets import variant_config
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A training recipe (reference sheet §3). Learning rates are for `base_batch`
-    and scale linearly with the actual global batch size.
+    """A training recipe (the authors' hyper-parameters where they published them).
+
+    Learning rates are for `base_batch` and scale linearly with the actual
+    global batch size.
 
     Attributes:
         epochs: training epochs (warmup included).
@@ -58,9 +63,8 @@ RECIPES: dict[str, Recipe] = {
         augment=dataclasses.replace(Augment(), erasing=0.0),
     ),
     # The offline demo: a small Sequencer2D on 28x28 Fashion-MNIST. No geometric augmentation: with 4x4
-    # patches, pad-and-crop (2 px) + flip took the demo model's 10-epoch result from 90.65% down to 88.9%
-    # (docs/design.md); smoothing 0.1 and a little drop path stay. 15 epochs: 91.06% in 687 s of training on
-    # 2 cores (10 epochs: 90.65%).
+    # patches, pad-and-crop and flip lowered the demo model's test accuracy (docs/design.md); smoothing 0.1
+    # and a little drop path stay.
     "fashion_mnist": Recipe(
         epochs=15,
         lr=2e-3,
@@ -225,8 +229,10 @@ def run(
     """Trains or fine-tunes a Sequencer2D variant on a tfds dataset or an image folder.
 
     Args:
-        dataset: `"tfds:NAME"` (prepared in `data_dir`; nothing is downloaded)
-            or `"folder:PATH"` (PATH/train/<class>/..., PATH/<eval_split>/<class>/...).
+        dataset: a spec for `data.load_split`: `"tfds:NAME"` (prepared in
+            `data_dir`; nothing is downloaded), `"folder:PATH"`
+            (PATH/<train_split>/<class>/..., PATH/<eval_split>/<class>/...)
+            or `"fashion_mnist"`.
         variant: "s", "m" or "l".
         recipe: a key of `RECIPES`.
         weights: None (from scratch), "imagenet" or a path; with weights the head
@@ -244,20 +250,9 @@ def run(
     Returns:
         `(model, history)`.
     """
-    from keras_sequencer import data
-    from keras_sequencer.models import Sequencer2D, variant_config
-
     rec = get_recipe(recipe)
-    kind, _, location = dataset.partition(":")
-    if kind == "tfds":
-        train_source, num_classes = data.tfds_source(location, train_split, data_dir)
-        eval_source, _ = data.tfds_source(location, eval_split, data_dir)
-    elif kind == "folder":
-        train_source, names = data.folder_source(os.path.join(location, train_split))
-        eval_source, _ = data.folder_source(os.path.join(location, eval_split))
-        num_classes = len(names)
-    else:
-        raise ValueError(f"`dataset` must be 'tfds:NAME' or 'folder:PATH'. Received: dataset={dataset!r}")
+    train_source, num_classes = data.load_split(dataset, train_split, data_dir)
+    eval_source, _ = data.load_split(dataset, eval_split, data_dir)
     if steps_per_epoch is None:
         count = int(train_source.cardinality())
         if count <= 0:

@@ -12,6 +12,6 @@ PY=${PYTHON:-python3}
 pip install -q --upgrade pip
 pip install -q -e ".[demo]"
 bash scripts/fashion_mnist.sh  # real data offline (Debian package)
-# TensorFlow trains this model fastest on a CPU (measured: 0.24 s/step vs 0.40 on JAX, batch 128).
+# TensorFlow trains this model fastest on a CPU (benchmarks/README.md).
 export KERAS_BACKEND=${KERAS_BACKEND:-tensorflow}
 python -m keras_sequencer demo "$@"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the whole test suite once per Keras backend.
+# Sets up .venv and runs ruff and the test suite: the whole suite on the TensorFlow backend, then the
+# backend-dependent tests (not marked backend_agnostic) on JAX and on PyTorch; prints the 25 slowest tests.
 # Usage: bash scripts/test.sh [extra pytest args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +19,29 @@ bash scripts/fashion_mnist.sh  # real data offline (Debian package)
 echo "== ruff"
 ruff check . && ruff format --check . || exit 1
 
+reports=$(mktemp -d)
 status=0
 for backend in tensorflow jax torch; do
-    echo "== pytest, KERAS_BACKEND=$backend"
-    KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 python -m pytest -p no:cacheprovider "$@" || status=1
+    selection=()
+    [ "$backend" = tensorflow ] || selection=(-m "not backend_agnostic")
+    echo "== pytest, KERAS_BACKEND=$backend ${selection[*]}"
+    KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 python -m pytest -p no:cacheprovider --junitxml="$reports/$backend.xml" \
+        "${selection[@]}" "$@" || status=1
 done
+
+echo "== 25 slowest tests (all passes)"
+python - "$reports" <<'EOF'
+import glob, os, sys
+import xml.etree.ElementTree as ET
+
+rows = []
+for path in glob.glob(os.path.join(sys.argv[1], "*.xml")):
+    backend = os.path.basename(path)[: -len(".xml")]
+    for case in ET.parse(path).iter("testcase"):
+        rows.append((float(case.get("time", 0)), backend, f"{case.get('classname')}::{case.get('name')}"))
+for seconds, backend, name in sorted(rows, reverse=True)[:25]:
+    print(f"{seconds:8.1f} s  {backend:10s}  {name}")
+print(f"{sum(r[0] for r in rows):8.1f} s  in {len(rows)} tests")
+EOF
+rm -rf "$reports"
 exit $status

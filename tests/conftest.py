@@ -1,7 +1,10 @@
-"""Shared test helpers: the timm reference, layout conversion, subprocess runs.
+"""Shared test helpers: the timm reference, layout conversion, small models, images, subprocess runs.
 
 The suite runs once per backend (`KERAS_BACKEND=tensorflow|jax|torch pytest`);
-timm's PyTorch model is the independent reference everywhere.
+tests marked `backend_agnostic` do not depend on the Keras backend of the
+process (pure NumPy, tf.data, TensorFlow's converters, or subprocesses that
+choose their own backend), and `scripts/test.sh` runs them in the first pass
+only. timm's PyTorch model is the independent reference everywhere.
 """
 
 # isort: off
@@ -23,6 +26,16 @@ import pytest
 
 BACKEND = keras.backend.backend()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tests of TensorFlow's converters run in-process: backend-independent, but the process must be TensorFlow's.
+IN_PROCESS_CONVERTERS = [
+    pytest.mark.backend_agnostic,
+    pytest.mark.skipif(
+        BACKEND != "tensorflow",
+        reason="TensorFlow's converters run in-process on the TensorFlow backend only (scripts/test.sh runs these "
+        "in its TensorFlow pass; tests/export/test_export.py covers the other backends' route)",
+    ),
+]
 
 # Small architecture for tests that exercise plumbing rather than the paper's sizes.
 TINY = {
@@ -100,19 +113,51 @@ def to_numpy(x) -> np.ndarray:
     return keras.ops.convert_to_numpy(x)
 
 
+def random_images(n: int, height: int, width: int | None = None, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """float32 RGB-like images with values in [0, 255)."""
+    shape = (n, height, width or height, channels)
+    return np.random.default_rng(seed).uniform(0, 255, shape).astype("float32")
+
+
+def perturb_weights(model: keras.Model, seed: int = 0, scale: float = 0.05) -> keras.Model:
+    """Adds noise to every weight: random init leaves LayerNorms and biases at 1 / 0, where swaps could hide."""
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.normal(0, scale, w.shape).astype(w.dtype) for w in model.get_weights()])
+    return model
+
+
+def tiny_model(seed: int = 0, **kwargs) -> keras.Model:
+    """A `TINY` Sequencer2D (logits, 10 classes unless given) with every weight perturbed."""
+    import keras_sequencer as ks
+
+    keras.utils.set_random_seed(seed)
+    options = {"weights": None, "classes": 10, "classifier_activation": None, **kwargs}
+    return perturb_weights(ks.Sequencer2D(**TINY, **options), seed)
+
+
 def normalise(images_uint8: np.ndarray) -> np.ndarray:
-    """ImageNet normalisation the way timm's eval transform does it."""
+    """ImageNet normalisation the way timm's eval transform does it (its constants, written out here)."""
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
     return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
 
+def run_subprocess(args, backend: str = BACKEND, env: dict | None = None, timeout: int = 900):
+    """Runs `args` (after the Python interpreter) in a fresh process on `backend`; returns the CompletedProcess."""
+    full_env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )
+
+
+def run_cli(*args, backend: str = BACKEND, timeout: int = 900):
+    """`python -m keras_sequencer ARGS` in a fresh process; returns the CompletedProcess."""
+    return run_subprocess(["-m", "keras_sequencer", *args], backend=backend, timeout=timeout)
+
+
 def run_python(code: str, backend: str = BACKEND, env: dict | None = None, timeout: int = 600) -> str:
     """Runs `code` in a fresh interpreter on `backend`; returns stdout, fails on error."""
-    full_env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
-    )
+    result = run_subprocess(["-c", code], backend=backend, env=env, timeout=timeout)
     if result.returncode != 0:
         pytest.fail(f"subprocess on {backend} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result.stdout
@@ -139,3 +184,63 @@ def run_layer_test(layer_cls, init_kwargs: dict, input_shape: tuple, expected_ou
     # The registered name lets a .keras file find the class again.
     assert keras.saving.get_registered_object(keras.saving.get_registered_name(layer_cls)) is layer_cls
     return layer, x, y
+
+
+# === PyTorch references for the layers ===
+
+
+def load_timm_lstm2d(layer, module) -> None:
+    """Copies timm LSTM2d weights into BiLSTM2D by stating the layout facts directly:
+    Keras kernels are transposed, both frameworks order gates [i, f, g/c, o], and
+    PyTorch's two biases add up to Keras' one."""
+    sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    for rnn in ("rnn_v", "rnn_h"):
+        bidir = getattr(layer, rnn)
+        for suffix, cell in (("", bidir.forward_layer.cell), ("_reverse", bidir.backward_layer.cell)):
+            cell.kernel.assign(sd[f"{rnn}.weight_ih_l0{suffix}"].T)
+            cell.recurrent_kernel.assign(sd[f"{rnn}.weight_hh_l0{suffix}"].T)
+            cell.bias.assign(sd[f"{rnn}.bias_ih_l0{suffix}"] + sd[f"{rnn}.bias_hh_l0{suffix}"])
+    layer.fc.kernel.assign(sd["fc.weight"].T)
+    layer.fc.bias.assign(sd["fc.bias"])
+
+
+def torch_rnn(kind, channels, units, bidirectional):
+    import torch
+
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[kind]
+    return cls(channels, units, batch_first=True, bidirectional=bidirectional)
+
+
+def copy_torch_rnn(keras_rnn, torch_module, kind):
+    """PyTorch RNN weights -> a Keras RNN / Bidirectional layer, from the documented layouts.
+
+    LSTM: gates [i, f, g, o] in both, one Keras bias = b_ih + b_hh. GRU: PyTorch
+    gates [r, z, n], Keras [z, r, h] with reset_after=True keeping the two
+    biases as rows. SimpleRNN: one bias = b_ih + b_hh.
+    """
+    sd = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
+    cells = [keras_rnn.forward_layer.cell, keras_rnn.backward_layer.cell] if hasattr(keras_rnn, "forward_layer") else [
+        keras_rnn.cell
+    ]  # fmt: skip
+    for cell, suffix in zip(cells, ("", "_reverse"), strict=False):
+        w_ih, w_hh = sd[f"weight_ih_l0{suffix}"], sd[f"weight_hh_l0{suffix}"]
+        b_ih, b_hh = sd[f"bias_ih_l0{suffix}"], sd[f"bias_hh_l0{suffix}"]
+        if kind == "gru":
+            u = w_hh.shape[1]
+            order = np.concatenate([np.arange(u, 2 * u), np.arange(u), np.arange(2 * u, 3 * u)])  # r,z,n -> z,r,n
+            w_ih, w_hh, b_ih, b_hh = w_ih[order], w_hh[order], b_ih[order], b_hh[order]
+            cell.bias.assign(np.stack([b_ih, b_hh]))
+        else:
+            cell.bias.assign(b_ih + b_hh)
+        cell.kernel.assign(w_ih.T)
+        cell.recurrent_kernel.assign(w_hh.T)
+
+
+def perturb_torch(module, seed):
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return module.eval()

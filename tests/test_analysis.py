@@ -1,35 +1,15 @@
-"""Feature maps, accuracy against resolution, and effective receptive fields on real images."""
+"""Research tools: effective receptive fields and accuracy against resolution on real images, MAC counts."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import BACKEND, REPO, TINY, to_numpy
+from conftest import TINY, run_cli, to_numpy
 import keras
 import numpy as np
 import pytest
 
 import keras_sequencer as ks
 from keras_sequencer.analysis import count_macs, effective_receptive_field, erf_for_display
-
-
-@pytest.mark.parametrize("size", [(224, 224), (112, 196)])
-def test_feature_extractor_gives_every_stage_with_its_stride(size):
-    backbone = ks.Sequencer2DS(weights=None, include_top=False)
-    info = ks.stage_info(backbone)
-    assert [(i["name"], i["stride"], i["channels"]) for i in info] == [
-        ("stage0", 7, 192), ("stage1", 14, 384), ("stage2", 14, 384), ("stage3", 14, 384)
-    ]  # fmt: skip
-    extractor = ks.feature_extractor(backbone)
-    images = np.random.default_rng(0).uniform(0, 255, (1, *size, 3)).astype("float32")
-    features = {k: to_numpy(v) for k, v in extractor.predict_on_batch(images).items()}
-    for entry in info:
-        assert features[entry["name"]].shape == (1, size[0] // entry["stride"], size[1] // entry["stride"],
-                                                 entry["channels"])  # fmt: skip
-    # The last stage, through the model's final LayerNorm, is the headless model's output.
-    normed = to_numpy(backbone.get_layer("norm")(features["stage3"]))
-    np.testing.assert_allclose(normed, to_numpy(backbone.predict_on_batch(images)), rtol=0, atol=1e-5)
+from keras_sequencer.presets import VARIANTS
 
 
 def _photos(size):
@@ -63,12 +43,7 @@ def test_erf_equals_finite_differences_on_photos():
     assert erf_for_display(erf).max() == pytest.approx(1.0)
 
 
-def _cli(*args):
-    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "keras_sequencer", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=900)  # fmt: skip
-
-
+@pytest.mark.backend_agnostic
 def test_erf_command_writes_the_plot_of_its_numbers(tmp_path):
     from PIL import Image
     import skimage.data
@@ -80,7 +55,7 @@ def test_erf_command_writes_the_plot_of_its_numbers(tmp_path):
     keras.utils.set_random_seed(2)
     model = ks.Sequencer2D(**TINY, weights=None, include_top=False)
     model.save(tmp_path / "tiny.keras")
-    result = _cli("erf", "--model", tmp_path / "tiny.keras", "--images", tmp_path, "--size", 32, "--stage", 1,
+    result = run_cli("erf", "--model", tmp_path / "tiny.keras", "--images", tmp_path, "--size", 32, "--stage", 1,
                   "--output", tmp_path / "erf.png")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "erf.png").stat().st_size > 5_000
@@ -89,6 +64,7 @@ def test_erf_command_writes_the_plot_of_its_numbers(tmp_path):
     np.testing.assert_allclose(plotted, effective_receptive_field(model, images, stage=1), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.backend_agnostic
 def test_eval_resolution_on_fashion_mnist_matches_a_direct_count(tmp_path):
     from keras_sequencer.data import eval_transform, load_fashion_mnist
 
@@ -102,7 +78,7 @@ def test_eval_resolution_on_fashion_mnist_matches_a_direct_count(tmp_path):
     model.fit(x_train[:6000].astype("float32"), y_train[:6000], batch_size=64, epochs=1, verbose=0)
     model.save(tmp_path / "fm.keras")
 
-    result = _cli("eval-resolution", "--model", tmp_path / "fm.keras", "--dataset", "fashion_mnist", "--limit", 200,
+    result = run_cli("eval-resolution", "--model", tmp_path / "fm.keras", "--dataset", "fashion_mnist", "--limit", 200,
                   "--resolutions", 20, 28, 40, "--trained-at", 28, "--output", tmp_path / "out")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "resolution.png").stat().st_size > 5_000
@@ -115,6 +91,7 @@ def test_eval_resolution_on_fashion_mnist_matches_a_direct_count(tmp_path):
     assert plotted["accuracy"][1] > 0.4  # at the training resolution: far above chance (0.1)
 
 
+@pytest.mark.backend_agnostic
 @pytest.mark.parametrize("variant", ["s", "m", "l"])
 def test_count_macs_equals_torch_flop_counter_on_timm_and_the_papers_flops(variant):
     import timm
@@ -132,4 +109,4 @@ def test_count_macs_equals_torch_flop_counter_on_timm_and_the_papers_flops(varia
     with pytest.raises(ValueError, match="does not divide"):
         count_macs(variant, 230)
     with pytest.raises(ValueError, match="BiLSTM2D mixer only"):
-        count_macs({**ks.models.VARIANTS["s"], "rnn_type": "gru"})
+        count_macs({**VARIANTS["s"], "rnn_type": "gru"})

@@ -6,26 +6,21 @@ and MAC counts.
 """
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import BACKEND, REPO
+from conftest import run_cli
 import pytest
 
 from keras_sequencer.analysis import count_macs
 
+BACKEND = "torch"  # the fastest worker to start; the command spawns its own processes whatever runs pytest
 
-# One pass is enough: the command spawns the same workers whatever backend runs pytest, and a full
-# bench (timm + Keras, inference, training, memory) takes minutes on JAX and TensorFlow at any size.
-@pytest.mark.skipif(BACKEND != "torch", reason="bench smoke test runs once, in the torch pass (fastest)")
+
+@pytest.mark.backend_agnostic
 def test_bench_writes_table_json_and_png(tmp_path):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_sequencer", "bench", "--backends", BACKEND, "--paths", "auto", "keras", "fused",
-         "--batch-sizes", "1", "2", "--size", "28", "--memory-size", "42", "--runs", "1", "--warmup", "1",
-         "--gemm-size", "256", "--no-tflite", "--output", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    result = run_cli(
+        "bench", "--backends", BACKEND, "--paths", "auto", "keras", "fused", "--batch-sizes", "1", "2", "--size", "28",
+        "--memory-size", "42", "--runs", "1", "--warmup", "1", "--gemm-size", "256", "--no-tflite",
+        "--output", tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads((tmp_path / "bench.json").read_text())
@@ -42,7 +37,8 @@ def test_bench_writes_table_json_and_png(tmp_path):
     assert warm in (set(), {(e, p) for e, p, task, _ in engines if task == "memory"})
     for row in rows:
         if row["task"].startswith("memory"):
-            assert row["peak_bytes"] > 0 if row["task"] == "memory" else row["peak_bytes"] >= 0
+            if row["task"] == "memory":  # a first call allocates; a warm one may need nothing new
+                assert row["peak_bytes"] > 0
             assert row["size"] == 42
             reference = timm[(row["task"], 1)]["peak_bytes"]
             expected = None if reference == 0 else row["peak_bytes"] / reference

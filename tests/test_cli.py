@@ -1,25 +1,17 @@
-"""`python -m keras_sequencer ...` in a subprocess, checked against timm."""
+"""`python -m keras_sequencer ...` in a subprocess, checked against timm, LiteRT and the registry.
 
-import os
-import subprocess
-import sys
+The commands run on the TensorFlow backend (the first pass); the models they
+build are checked on every backend by the models' own tests.
+"""
 
-from conftest import BACKEND, REPO, normalise, timm_logits, timm_state_dict, to_numpy
+from conftest import TINY, normalise, run_cli, timm_logits, timm_state_dict, tiny_model, to_numpy
 import numpy as np
+import pytest
 
 import keras_sequencer as ks
+from keras_sequencer.export import run_tflite, tflite_interpreter
 
-
-def _cli(*args):
-    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, "-m", "keras_sequencer", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
+pytestmark = pytest.mark.backend_agnostic
 
 
 def test_convert_then_predict(tmp_path):
@@ -28,7 +20,7 @@ def test_convert_then_predict(tmp_path):
 
     save_file(timm_state_dict("s"), tmp_path / "model.safetensors")
     out = tmp_path / "s.weights.h5"
-    result = _cli("convert", tmp_path / "model.safetensors", "--variant", "s", "--out", out)
+    result = run_cli("convert", tmp_path / "model.safetensors", "--variant", "s", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "Sequencer2D-S" in result.stdout
 
@@ -39,7 +31,7 @@ def test_convert_then_predict(tmp_path):
     )
 
     Image.fromarray(image[0]).save(tmp_path / "img.png")
-    result = _cli("predict", tmp_path / "img.png", "--weights", out, "--top", "3")
+    result = run_cli("predict", tmp_path / "img.png", "--weights", out, "--top", "3")
     assert result.returncode == 0, result.stderr
     from keras_sequencer.imagenet import load_image
 
@@ -54,7 +46,7 @@ def test_convert_reports_a_wrong_variant(tmp_path):
     from safetensors.numpy import save_file
 
     save_file(timm_state_dict("s"), tmp_path / "model.safetensors")
-    result = _cli("convert", tmp_path / "model.safetensors", "--variant", "m", "--out", tmp_path / "m.weights.h5")
+    result = run_cli("convert", tmp_path / "model.safetensors", "--variant", "m", "--out", tmp_path / "m.weights.h5")
     assert result.returncode == 2
     assert "It looks like sequencer2d_s" in result.stderr
     assert "Traceback" not in result.stderr
@@ -64,8 +56,25 @@ def test_convert_reports_a_wrong_variant(tmp_path):
 def test_manifest_command_prints_the_registry():
     import json
 
-    from keras_sequencer.pretrained import manifest
+    from keras_sequencer.presets import manifest
 
-    result = _cli("manifest")
+    result = run_cli("manifest")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == manifest()
+
+
+def test_cli_exports_a_keras_file(tmp_path):
+    model = tiny_model(input_shape=(None, None, 3))
+    model.save(tmp_path / "model.keras")
+
+    def cli(*args):
+        return run_cli("export", tmp_path / "model.keras", *args)
+
+    result = cli("--output", str(tmp_path / "m.tflite"))
+    assert result.returncode == 2 and "--input-size" in result.stderr, result.stderr[-2000:]
+    result = cli("--input-size", "32", "40", "--lstm", "fused", "--output", str(tmp_path / "m.tflite"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{4 * sum(TINY['layers'])}  UNIDIRECTIONAL_SEQUENCE_LSTM" in result.stdout, result.stdout
+    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 40, 3)).astype("float32")
+    got = run_tflite(tflite_interpreter(str(tmp_path / "m.tflite")), images)
+    np.testing.assert_allclose(got, to_numpy(model.predict_on_batch(images)), rtol=0, atol=1e-4)

@@ -1,4 +1,6 @@
-"""tf.data pipelines: tfds (mock ImageNet), image folders, and the paper's mixing and smoothing."""
+"""tf.data pipelines: tfds (mock ImageNet), image folders, dataset specs, and the paper's mixing and smoothing."""
+
+import os
 
 import numpy as np
 import pytest
@@ -6,6 +8,8 @@ import tensorflow as tf
 
 from keras_sequencer import data
 from keras_sequencer.imagenet import load_image
+
+pytestmark = pytest.mark.backend_agnostic  # tf.data runs TensorFlow whatever the Keras backend
 
 
 def test_imagenet_pipeline_on_tfds_mock_data():
@@ -137,3 +141,37 @@ def test_fashion_mnist_reader(tmp_path):
     np.testing.assert_array_equal(data._read_idx(str(tmp_path / "x.gz")), images)
     with pytest.raises(ValueError, match="Received: data_dir="):
         data.load_fashion_mnist(str(tmp_path))
+
+
+def test_dataset_specs_are_parsed_in_one_place(tmp_path):
+    assert data.parse_dataset_spec("tfds:imagenet2012") == ("tfds", "imagenet2012")
+    assert data.parse_dataset_spec("folder:/data/x") == ("folder", "/data/x")
+    assert data.parse_dataset_spec("fashion_mnist") == ("fashion_mnist", None)
+    for bad in ("imagenet2012", "folder:", "hub:x"):
+        with pytest.raises(ValueError, match=f"Received: dataset='{bad}'"):
+            data.parse_dataset_spec(bad)
+    # folder:PATH reads PATH/<split>/<class>/..., or PATH/<class>/... without a split.
+    _write_folder(tmp_path / "train", [(40, 30), (30, 40)])
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    source, classes = data.load_split(f"folder:{tmp_path}", "train")
+    assert classes == 2 and int(source.cardinality()) == 6
+    _, classes = data.load_split(f"folder:{tmp_path / 'train'}")
+    assert classes == 2
+    with pytest.raises(ValueError, match="which is not a folder"):
+        data.load_split(f"folder:{tmp_path}", "validation")
+    with pytest.raises(ValueError, match="needs a split name"):
+        data.load_split("tfds:imagenet2012")
+    assert [os.path.basename(p) for p in data.list_images(str(tmp_path / "train" / "cat"))] == [
+        "0.png", "1.png", "2.png"
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_spec_reads_the_real_files():
+    (x_train, y_train), (x_test, y_test) = data.load_fashion_mnist()
+    source, classes = data.load_split("fashion_mnist", "test")
+    images, labels = next(iter(source.batch(5)))
+    assert classes == 10 and int(source.cardinality()) == len(x_test) == 10_000
+    np.testing.assert_array_equal(images.numpy(), x_test[:5])
+    np.testing.assert_array_equal(labels.numpy(), y_test[:5])
+    assert len(x_train) == len(y_train) == 60_000

@@ -1,11 +1,13 @@
-"""The transfer-learning notebook runs end to end, offline, from a local checkpoint."""
+"""The examples run end to end, offline: the transfer-learning notebook and the TFLite export table."""
 
 import os
 
-from conftest import REPO, timm_state_dict
+from conftest import REPO, run_subprocess, timm_state_dict
 import numpy as np
+import pytest
 
 
+@pytest.mark.backend_agnostic
 def test_transfer_learning_notebook_runs_offline(tmp_path, monkeypatch):
     from nbclient import NotebookClient
     import nbformat
@@ -22,6 +24,8 @@ def test_transfer_learning_notebook_runs_offline(tmp_path, monkeypatch):
                 tmp_path / "images" / cls / f"{k}.png"
             )
     settings = {
+        # The notebook runs on any backend; JAX builds the training step of S fastest.
+        "KERAS_BACKEND": "jax",
         "TL_DATASET": f"folder:{tmp_path / 'images'}",
         "TL_WEIGHTS": str(tmp_path / "model.safetensors"),
         "TL_IMAGE_SIZE": "56",
@@ -47,3 +51,19 @@ def test_transfer_learning_notebook_runs_offline(tmp_path, monkeypatch):
     assert "validation accuracy:" in text
     assert "reloaded ok" in text
     assert (tmp_path / "sequencer2d_s_transfer.keras").exists()
+
+
+@pytest.mark.backend_agnostic
+def test_example_script_prints_its_table(tmp_path):
+    result = run_subprocess(
+        ["examples/export_tflite.py", "--size", "32", "--variants", "float32", "fused", "--runs", "1",
+         "--threads", "1", "--output", tmp_path], backend="tensorflow",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("float32 ", "fused "))
+    }
+    assert rows["float32"][1] == "while" and rows["fused"][1] == "fused", result.stdout
+    for row in rows.values():
+        assert float(row[5]) <= 1e-4 and row[6] == "yes", row
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM x72" in result.stdout

@@ -7,6 +7,8 @@ import pytest
 import keras_sequencer as ks
 from keras_sequencer.imagenet import load_image
 
+pytestmark = pytest.mark.backend_agnostic
+
 
 def test_class_index_matches_timm():
     from timm.data import ImageNetInfo

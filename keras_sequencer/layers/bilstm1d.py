@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_sequencer.layers.bilstm2d import RNN_TYPES, sequence_layer
+from keras_sequencer.layers.rnn import RNN_TYPES, sequence_layer
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")

@@ -42,8 +42,8 @@ class Sequencer2DBlock(keras.layers.Layer):
         drop_path_rate: float in `[0, 1)`, stochastic-depth rate of both
             residual branches.
         layer_norm_epsilon: float, epsilon of both LayerNorms.
-        implementation: forward path of the token mixer, `"auto"`, `"keras"`
-            or `"fused"` (see `BiLSTM2D`).
+        implementation: forward path of the token mixer (see `BiLSTM2D`);
+            `"auto"` by default.
         rnn_type, bidirectional, union, with_fc: the token mixer's ablation
             options (see `BiLSTM2D`); `union` and `with_fc` apply to `"2d"`.
         mixer: `"2d"` (`BiLSTM2D`, Sequencer2D) or `"1d"` (`BiLSTM1D` over

@@ -1,21 +1,24 @@
-"""Sequencer2D models."""
+"""Sequencer2D models: the builder, the variants, features and weight loading."""
 
-from keras_sequencer.models.presets import ABLATIONS, VARIANTS, variant_config
-from keras_sequencer.models.registry import create_model, feature_extractor, list_models, stage_info
-from keras_sequencer.models.sequencer2d import Sequencer2D, Sequencer2DL, Sequencer2DM, Sequencer2DS
+from keras_sequencer.models.features import feature_extractor, stage_info
+from keras_sequencer.models.sequencer2d import (
+    Sequencer2D,
+    Sequencer2DL,
+    Sequencer2DM,
+    Sequencer2DS,
+    create_model,
+    list_models,
+)
 from keras_sequencer.models.sequencer2d_model import Sequencer2DModel
 
 __all__ = [
-    "ABLATIONS",
-    "create_model",
-    "feature_extractor",
-    "list_models",
-    "stage_info",
-    "VARIANTS",
     "Sequencer2D",
     "Sequencer2DL",
     "Sequencer2DM",
     "Sequencer2DModel",
     "Sequencer2DS",
-    "variant_config",
+    "create_model",
+    "feature_extractor",
+    "list_models",
+    "stage_info",
 ]

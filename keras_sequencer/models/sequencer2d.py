@@ -1,13 +1,12 @@
-"""The Sequencer2D builder and the S/M/L variants."""
+"""The Sequencer2D builder, the S/M/L variants and every registered model by name."""
 
 import keras
 
-from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock
-from keras_sequencer.models.presets import variant_config
+from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock, token_mixing
 from keras_sequencer.models.sequencer2d_model import Sequencer2DModel
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from keras_sequencer.models.weights import load_weights
+from keras_sequencer.presets import ABLATIONS, CHECKPOINTS, IMAGENET_EVAL, VARIANTS, variant_config
+from keras_sequencer.pretrained import check_weights_path
 
 _REFERENCE = (
     "Reference: Tatsunami & Taki, 'Sequencer: Deep LSTM for Image "
@@ -48,12 +47,7 @@ def _validate(
             "`layers`, `patch_sizes`, `embed_dims`, `hidden_sizes` and `mlp_ratios` must all have "
             "one entry per stage. Received: " + ", ".join(f"{k}={v!r}" for k, v in arch.items())
         )
-    from keras_sequencer.layers.bilstm2d import IMPLEMENTATIONS
-
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
-        )
+    token_mixing.check_implementation(implementation)
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"`pooling` must be one of None, 'avg' or 'max'. Received: pooling={pooling!r}")
     if not isinstance(classes, int) or classes <= 0:
@@ -77,8 +71,6 @@ def _validate(
                 f"must be None or 'softmax'. Received: classifier_activation={classifier_activation!r}"
             )
     elif weights is not None:
-        from keras_sequencer.pretrained import check_weights_path
-
         check_weights_path(weights)
 
     if input_shape is not None:
@@ -165,8 +157,10 @@ def Sequencer2D(
         variant: name of the preset this config is ("s", "m", "l"), used to
             find its pretrained weights.
         implementation: forward path of every `BiLSTM2D`: `"auto"`,
-            `"keras"` (Bidirectional LSTM layers, cuDNN on GPU) or `"fused"`
-            (all four directions batched); same weights, same results.
+            `"keras"` (Bidirectional LSTM layers, cuDNN on GPU), `"fused"`
+            (all four directions batched; `"unrolled"` / `"scan"` name its
+            step loops) or `"torch"` (PyTorch backend only); same weights,
+            same results. See `BiLSTM2D`.
         rnn_type, bidirectional, union, with_fc: the paper's ablations of the
             token mixer (`"lstm"`/`"gru"`/`"rnn"`; forward-only; `"cat"`/
             `"add"`/`"vertical"`/`"horizontal"`; without the output Dense);
@@ -225,8 +219,8 @@ def Sequencer2D(
                 f"pass include_preprocessing=False for other inputs. Received: input_shape={tuple(x.shape[1:])}"
             )
         x = keras.layers.Normalization(
-            mean=[255.0 * m for m in IMAGENET_MEAN],
-            variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
+            mean=[255.0 * m for m in IMAGENET_EVAL.mean],
+            variance=[(255.0 * s) ** 2 for s in IMAGENET_EVAL.std],
             name="preprocessing",
         )(x)
 
@@ -273,8 +267,6 @@ def Sequencer2D(
 
     # === Weights ===
     if weights is not None:
-        from keras_sequencer.pretrained import load_weights
-
         load_weights(
             model,
             weights,
@@ -327,7 +319,7 @@ def _variant_builder(variant: str, display: str):
 
     The `keras.applications` signature; see `Sequencer2D` for the details.
     With `weights="imagenet"` the ImageNet-1k checkpoint published with the
-    paper (timm `sequencer2d_{variant}.in1k`) is downloaded once, verified,
+    paper (timm `{CHECKPOINTS[variant].tag}`, top-1 {CHECKPOINTS[variant].top1:.2f} %) is downloaded once, verified,
     converted and cached. The model takes RGB images in [0, 255] at any size
     of at least 14x14 (trained at 224x224).
 
@@ -347,7 +339,7 @@ def _variant_builder(variant: str, display: str):
         include_preprocessing: normalise [0, 255] RGB inside the model.
         drop_path_rate: stochastic depth of the last block (for training).
         name: model name.
-        implementation: BiLSTM2D forward path, "auto", "keras" or "fused".
+        implementation: BiLSTM2D forward path (see `BiLSTM2D`); "auto" by default.
 
     Returns:
         A `keras.Model`.
@@ -363,3 +355,28 @@ def _variant_builder(variant: str, display: str):
 Sequencer2DS = _variant_builder("s", "Sequencer2DS")
 Sequencer2DM = _variant_builder("m", "Sequencer2DM")
 Sequencer2DL = _variant_builder("l", "Sequencer2DL")
+
+
+def list_models() -> list[str]:
+    """Registered names: `sequencer2d_{s,m,l}` and the authors' ablation / option models."""
+    return [f"sequencer2d_{v}" for v in VARIANTS] + list(ABLATIONS)
+
+
+def create_model(name: str, **kwargs) -> keras.Model:
+    """Builds a registered model; keyword arguments go to `Sequencer2D`.
+
+    `sequencer2d_s/m/l` take `weights="imagenet"`; the ablations
+    (`sequencer2d_s_unidirectional`, `gru_sequencer2d_s`, `v_sequencer_s`, ...,
+    see `list_models()`) have no published weights and start from random init.
+
+    Example:
+    >>> model = create_model("sequencer2d_s_add", input_shape=(224, 224, 3))
+    """
+    if name.startswith("sequencer2d_") and name.removeprefix("sequencer2d_") in VARIANTS:
+        variant = name.removeprefix("sequencer2d_")
+        return Sequencer2D(**VARIANTS[variant], variant=variant, **{"name": name, **kwargs})
+    if name not in ABLATIONS:
+        raise ValueError(f"Unknown model {name!r}. Registered: {', '.join(list_models())}")
+    if kwargs.get("weights") == "imagenet":
+        raise ValueError(f"{name} has no published ImageNet weights; pass weights=None or a file path.")
+    return Sequencer2D(**ABLATIONS[name], **{"name": name, **kwargs})

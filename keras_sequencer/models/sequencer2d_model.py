@@ -6,7 +6,7 @@ import warnings
 import keras
 
 from keras_sequencer.layers import PatchEmbed
-from keras_sequencer.layers.bilstm2d import _gpu_backs_keras_lstm
+from keras_sequencer.layers.token_mixing import gpu_backs_keras_lstm
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -32,22 +32,21 @@ class Sequencer2DModel(keras.Model):
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
 
-        Keras leaves XLA off on CPU-only TensorFlow. For this model XLA makes
-        inference ~1.4x faster there (Sequencer2D-S, 224, 2 cores: 8.5 vs 6.1
-        img/s at batch 1, 9.6 vs 8.0 at 16; ~6 s to compile). `predict` and
+        Keras leaves XLA off on CPU-only TensorFlow; for this model XLA makes
+        inference markedly faster there, for a few seconds of compilation on
+        the first call per input shape (benchmarks/README.md). `predict` and
         `predict_on_batch` use it unless `model.xla_predict_on_cpu = False`
         (set it before the first `predict`, or rebuild with
         `make_predict_function(force=True)`) or a `tf.distribute` strategy
         holds the model (Keras' own rule), or the model computes in another
-        dtype than float32 (e.g. under "mixed_bfloat16": XLA on CPU runs
-        bfloat16 slower than TensorFlow's own kernels; `bench`, S at batch
-        16: 5.7 img/s with XLA, 8.7 without).
+        dtype than float32 (e.g. under "mixed_bfloat16", which XLA on a CPU
+        runs slower than TensorFlow's own kernels).
         Training, `evaluate` and direct calls `model(x)` keep Keras' defaults
         (`compile(jit_compile=...)`).
         """
         distributed = getattr(self, "_distribute_strategy", None) is not None
         # On TensorFlow, "a GPU backs Keras' LSTM" is "a GPU is visible" (the layer's own cached check).
-        gpu = _gpu_backs_keras_lstm()
+        gpu = gpu_backs_keras_lstm()
         float32 = all(layer.compute_dtype == "float32" for layer in self.layers)
         if keras.backend.backend() != "tensorflow" or not self.xla_predict_on_cpu or distributed or gpu or not float32:
             return super().make_predict_function(force)

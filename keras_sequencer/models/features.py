@@ -1,35 +1,8 @@
-"""Every registered model by name, and multi-scale feature extraction."""
+"""Multi-scale features of a Sequencer model: every stage's output map."""
 
 import keras
 
 from keras_sequencer.layers import PatchEmbed
-from keras_sequencer.models.presets import ABLATIONS, VARIANTS
-from keras_sequencer.models.sequencer2d import Sequencer2D
-
-
-def list_models() -> list[str]:
-    """Registered names: `sequencer2d_{s,m,l}` and the authors' ablation / option models."""
-    return [f"sequencer2d_{v}" for v in VARIANTS] + list(ABLATIONS)
-
-
-def create_model(name: str, **kwargs) -> keras.Model:
-    """Builds a registered model; keyword arguments go to `Sequencer2D`.
-
-    `sequencer2d_s/m/l` take `weights="imagenet"`; the ablations
-    (`sequencer2d_s_unidirectional`, `gru_sequencer2d_s`, `v_sequencer_s`, ...,
-    see `list_models()`) have no published weights and start from random init.
-
-    Example:
-    >>> model = create_model("sequencer2d_s_add", input_shape=(224, 224, 3))
-    """
-    if name.startswith("sequencer2d_") and name.removeprefix("sequencer2d_") in VARIANTS:
-        variant = name.removeprefix("sequencer2d_")
-        return Sequencer2D(**VARIANTS[variant], variant=variant, **{"name": name, **kwargs})
-    if name not in ABLATIONS:
-        raise ValueError(f"Unknown model {name!r}. Registered: {', '.join(list_models())}")
-    if kwargs.get("weights") == "imagenet":
-        raise ValueError(f"{name} has no published ImageNet weights; pass weights=None or a file path.")
-    return Sequencer2D(**ABLATIONS[name], **{"name": name, **kwargs})
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

@@ -1,0 +1,167 @@
+"""Export a Sequencer2D to TFLite (LiteRT), ONNX or a TensorFlow SavedModel.
+
+All three formats are produced by TensorFlow's converters, so the conversion
+itself runs on the TensorFlow backend. `export()` works from every backend:
+on JAX or PyTorch it hands the model (as a `.keras` file, which is backend
+independent) to a TensorFlow subprocess (`worker.py`), so the result is the
+same file.
+
+- TFLite (`tflite.py`): builtin ops only (never Flex or custom ops, checked);
+  a static input shape `(batch_size, height, width, 3)`; quantisation `None`
+  (float32), `"float16"` (float16 weights), `"dynamic"` (int8 weights, float
+  activations) or `"int8"` (int8 weights and activations calibrated on
+  `calibration` images; float32 input and output tensors); three lowerings of
+  the LSTMs (`lstm=`), see `tflite.py`. `litert.py` runs the files.
+- ONNX (`onnx.py`): native ONNX `LSTM` ops; the batch axis is dynamic.
+- SavedModel (`saved_model.py`): for TF Serving, signature `serve`, dynamic batch.
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from keras_sequencer.export.litert import op_histogram, run_tflite, tflite_interpreter
+from keras_sequencer.export.onnx import to_onnx
+from keras_sequencer.export.saved_model import to_saved_model
+from keras_sequencer.export.tflite import LOWERINGS, QUANTIZATIONS, load_calibration, resolve_lowering, to_tflite
+from keras_sequencer.export.worker import export_in_tensorflow
+
+FORMATS = ("tflite", "onnx", "saved_model")
+__all__ = ["FORMATS", "LOWERINGS", "QUANTIZATIONS", "export", "load_calibration", "op_histogram", "run_tflite",
+           "tflite_interpreter"]  # fmt: skip
+
+
+def export(
+    model,
+    output: str,
+    format: str = "tflite",
+    input_size=None,
+    batch_size: int = 1,
+    quantize: str | None = None,
+    calibration=None,
+    lstm: str = "auto",
+) -> dict:
+    """Exports a Sequencer2D (or any Keras model built from this package's layers).
+
+    Args:
+        model: a `keras.Model`, or the path of a `.keras` file.
+        output: file to write (`.tflite`, `.onnx`) or folder (`saved_model`).
+        format: `"tflite"`, `"onnx"` or `"saved_model"`.
+        input_size: `(height, width)` of the exported input. Required when the
+            model was built with `input_shape=(None, None, 3)`; when the
+            model has a fixed size it must match (or be left out).
+        batch_size: the fixed batch of a TFLite model (ONNX and SavedModel
+            take any batch).
+        quantize: TFLite only: `None`, `"float16"`, `"dynamic"` or `"int8"`.
+        calibration: `"int8"` only: images `(n, height, width, 3)` as the model
+            takes them (RGB, 0-255 for a model with preprocessing), at least 8.
+        lstm: TFLite only, how each BiLSTM2D is lowered: `"while"` (a builtin
+            WHILE loop per direction), `"unrolled"` (a flat graph, one batched
+            step per time step), `"fused"` (`UNIDIRECTIONAL_SEQUENCE_LSTM`
+            kernels; STATEFUL, see `keras_sequencer.export.tflite`) or
+            `"auto"`: `"while"` for float32, `"unrolled"` when quantising.
+
+    Returns:
+        A dict: `path`, `format`, `bytes`, `input_shape`, and for TFLite
+        `ops` (op name -> count) and `quantize`.
+
+    Raises:
+        ValueError: an unknown format or quantisation, a missing or
+            mismatched input size, missing calibration data, or a TFLite
+            graph that would need Flex/custom ops.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"`quantize` must be one of {QUANTIZATIONS}. Received: quantize={quantize!r}")
+    if quantize is not None and format != "tflite":
+        raise ValueError(f"`quantize` applies to TFLite only. Received: format={format!r}, quantize={quantize!r}")
+    if lstm not in LOWERINGS:
+        raise ValueError(f"`lstm` must be one of {LOWERINGS}. Received: lstm={lstm!r}")
+    if lstm != "auto" and format != "tflite":
+        raise ValueError(f"`lstm` chooses the TFLite lowering. Received: format={format!r}, lstm={lstm!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}")
+    if quantize == "int8":
+        if calibration is None:
+            raise ValueError(
+                "quantize='int8' calibrates activations on real inputs: pass `calibration`, an array of "
+                "images shaped (n, height, width, 3) as the model takes them (n >= 8)."
+            )
+        calibration = np.asarray(calibration, dtype="float32")
+        if calibration.ndim != 4 or calibration.shape[0] < 8:
+            raise ValueError(
+                "`calibration` must be images shaped (n, height, width, channels) with n >= 8. "
+                f"Received: shape={calibration.shape}"
+            )
+    if keras.backend.backend() != "tensorflow":
+        if isinstance(model, keras.Model):
+            _input_size(model, input_size)  # its errors here, before a subprocess starts
+        return export_in_tensorflow(
+            model, output, format=format, input_size=input_size, batch_size=batch_size, quantize=quantize,
+            calibration=calibration, lstm=lstm,
+        )  # fmt: skip
+
+    if isinstance(model, str | os.PathLike):
+        model = keras.saving.load_model(model)
+    height, width, channels = _input_size(model, input_size)
+    if calibration is not None and calibration.shape[1:] != (height, width, channels):
+        raise ValueError(
+            f"`calibration` images must be {height}x{width}x{channels} (the export size). "
+            f"Received: shape={calibration.shape}"
+        )
+    if model.dtype_policy.compute_dtype != "float32":
+        raise ValueError(
+            f"Export a float32 model (this one computes in {model.dtype_policy.compute_dtype}); "
+            "TFLite quantisation is chosen with `quantize`. Rebuild the model with "
+            "keras.config.set_dtype_policy('float32') and load its weights."
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if format == "tflite":
+        shape = (batch_size, height, width, channels)
+        lstm = resolve_lowering(lstm, quantize)
+        blob = to_tflite(model, shape, quantize, calibration, lstm)
+        _write_atomic(output, blob)
+        return {"path": output, "format": format, "bytes": len(blob), "input_shape": list(shape),
+                "ops": op_histogram(blob), "quantize": quantize, "lstm": lstm}  # fmt: skip
+    shape = (None, height, width, channels)
+    if format == "onnx":
+        size = to_onnx(model, shape, output)
+    else:
+        size = to_saved_model(model, shape, output)
+    return {"path": output, "format": format, "bytes": size, "input_shape": list(shape)}
+
+
+def _input_size(model, input_size):
+    shape = tuple(model.input_shape)
+    if len(shape) != 4:
+        raise ValueError(f"Expected a model taking (batch, height, width, channels). Received: {shape}")
+    _, height, width, channels = shape
+    if input_size is not None:
+        if len(input_size) != 2 or not all(isinstance(s, int) and s > 0 for s in input_size):
+            raise ValueError(f"`input_size` must be (height, width), positive ints. Received: {input_size!r}")
+        for given, fixed, what in ((input_size[0], height, "height"), (input_size[1], width, "width")):
+            if fixed is not None and given != fixed:
+                raise ValueError(
+                    f"The model was built for {what} {fixed}, but input_size asks for {given}. Leave "
+                    "input_size out, or build the model with input_shape=(None, None, 3) (every "
+                    "Sequencer2D weight is size independent) and load the same weights."
+                )
+        height, width = input_size
+    if height is None or width is None:
+        raise ValueError(
+            f"The model takes any image size (input shape {shape}); exported graphs need one. "
+            "Pass input_size=(height, width) (CLI: --input-size H W)."
+        )
+    minimum = getattr(model, "min_image_size", 1)
+    if min(height, width) < minimum:
+        raise ValueError(f"The export size {height}x{width} is below the model's minimum {minimum}x{minimum}.")
+    return height, width, channels
+
+
+def _write_atomic(path, blob: bytes):
+    tmp = f"{path}.part"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)

@@ -1,0 +1,50 @@
+"""The Keras RNN sublayers of the token mixers (`BiLSTM2D`, `BiLSTM1D`)."""
+
+import contextlib
+
+import keras
+
+RNN_TYPES = ("lstm", "gru", "rnn")
+_RNN_LAYERS = {"lstm": "LSTM", "gru": "GRU", "rnn": "SimpleRNN"}
+_SHARING_KEYS = ("shared_objects/id_to_obj_map", "shared_objects/id_to_config_map")
+
+
+@contextlib.contextmanager
+def _outside_object_sharing():
+    """Builds Keras' `Bidirectional` outside a `.keras` loading scope.
+
+    `Bidirectional.__init__` serialises and deserialises its template layer.
+    Inside Keras' object-sharing scope (active while a `.keras` file loads)
+    that records the template's `id()`; once the template is freed, a later
+    template at the same address is resolved to an earlier LSTM, so forward
+    and backward LSTMs get mixed up (Keras 3.15: "Forward layer and backward
+    layer should have different `go_backwards` value", at random). Nothing
+    here is shared, so suspending the scope is safe.
+    """
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # a Keras without the internal module: nothing to suspend
+        yield
+        return
+    saved = [global_state.get_global_attribute(key) for key in _SHARING_KEYS]
+    for key in _SHARING_KEYS:
+        global_state.set_global_attribute(key, None)
+    try:
+        yield
+    finally:
+        for key, value in zip(_SHARING_KEYS, saved, strict=True):
+            global_state.set_global_attribute(key, value)
+
+
+def sequence_layer(rnn_type: str, units: int, bidirectional: bool, name: str, dtype=None):
+    """A Keras LSTM / GRU / SimpleRNN returning sequences, wrapped in Bidirectional when asked.
+
+    Explicit names keep variable paths stable (`rnn_v/forward_lstm/lstm_cell/kernel`)
+    whatever else the process has built; the converter relies on them.
+    """
+    with _outside_object_sharing():
+        cls = getattr(keras.layers, _RNN_LAYERS[rnn_type])
+        if not bidirectional:
+            return cls(units, return_sequences=True, name=name, dtype=dtype)
+        rnn = cls(units, return_sequences=True, name=rnn_type, dtype=dtype)
+        return keras.layers.Bidirectional(rnn, merge_mode="concat", name=name, dtype=dtype)

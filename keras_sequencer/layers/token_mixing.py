@@ -1,0 +1,366 @@
+"""Every forward path of `BiLSTM2D`'s token mixing, and the one place that chooses among them.
+
+A path maps a channels-last feature map `(batch, height, width, channels)` to
+the mixed tokens `[v_fwd, v_bwd, h_fwd, h_bwd]` before the output projection.
+All paths read the same Keras variables (those of the layer's
+`Bidirectional(LSTM)` sublayers), so every checkpoint and `.keras` file runs
+on each of them:
+
+- `"keras"`: the `Bidirectional(LSTM)` sublayers as composed Keras layers
+  (cuDNN on a GPU with TensorFlow or PyTorch); the only path for the
+  paper's ablation options (GRU, forward-only, `union="add"`, ...).
+- `"unrolled"`: the fused recurrence: one matmul projects the input of all
+  four directional LSTMs, then they advance together, one batched recurrent
+  matmul per step, unrolled in Python. Backend-neutral (`keras.ops`).
+- `"scan"`: the same recurrence stepped by `ops.scan`, which XLA compiles
+  faster than the unrolled steps; inference only on TensorFlow (XLA cannot
+  differentiate TensorFlow's scan under `jit_compile=True`).
+- `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`: a C++ loop on a CPU,
+  cuDNN on a GPU), what timm runs. PyTorch backend only; differentiable.
+- `"tflite_lstm"` (export only, via `use_path`): one TensorFlow function per
+  direction carrying the interface attributes that TensorFlow's TFLite
+  converter fuses into `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels.
+
+`implementation=` of the layer names a path, or `"fused"` (`"scan"` for
+inference on TensorFlow, else `"unrolled"`), or `"auto"` (see `choose_path`).
+Exporters select a lowering for a whole model with `use_path`.
+"""
+
+import contextlib
+import contextvars
+import functools
+import uuid
+
+import keras
+from keras import ops
+
+PATHS = ("keras", "unrolled", "scan", "torch")
+EXPORT_PATHS = ("tflite_lstm",)
+IMPLEMENTATIONS = ("auto", "fused", *PATHS)
+
+_FORCED_PATH = contextvars.ContextVar("keras_sequencer_token_mixing_path", default=None)
+
+
+@contextlib.contextmanager
+def use_path(path: str):
+    """Within this block every `BiLSTM2D` mixes tokens with `path` (one of `PATHS` or `EXPORT_PATHS`).
+
+    For exporters tracing a model: the layers' own `implementation` is
+    ignored; layers with an ablation option, which only the `"keras"` path
+    implements, keep that path.
+    """
+    if path not in PATHS + EXPORT_PATHS:
+        raise ValueError(f"`path` must be one of {PATHS + EXPORT_PATHS}. Received: path={path!r}")
+    token = _FORCED_PATH.set(path)
+    try:
+        yield
+    finally:
+        _FORCED_PATH.reset(token)
+
+
+@functools.cache  # asked on every call of every block; the answer is fixed per process
+def gpu_backs_keras_lstm() -> bool:
+    """Whether Keras' own LSTM would run on cuDNN here (TensorFlow or PyTorch with a visible GPU)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def check_implementation(implementation: str, standard: bool = True) -> None:
+    """Raises a ValueError naming the problem unless `implementation` can run here.
+
+    `standard`: whether the mixer is the paper's (bidirectional LSTMs,
+    union "cat", with the output projection); the fused paths implement
+    only that one.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
+        )
+    if implementation == "torch" and keras.backend.backend() != "torch":
+        raise ValueError(
+            "implementation='torch' runs PyTorch's LSTM kernel and needs the PyTorch backend "
+            f"(KERAS_BACKEND=torch); this process uses {keras.backend.backend()!r}. Use 'auto' on any backend. "
+            "Received: implementation='torch'"
+        )
+    if implementation not in ("auto", "keras") and not standard:
+        raise ValueError(
+            f"implementation={implementation!r} implements the paper's mixer (bidirectional LSTMs, union='cat', "
+            "with_fc=True); use 'auto' or 'keras' for the ablation options. "
+            f"Received: implementation={implementation!r}"
+        )
+
+
+def choose_path(implementation: str, standard: bool, static: bool, training) -> str:
+    """The path a layer runs: the exporter's choice, else its `implementation`, else what "auto" picks.
+
+    "auto", for the paper's mixer: `"torch"` on the PyTorch backend (inference
+    and training); elsewhere the fused recurrence for inference when the
+    height and width are known and no GPU backs Keras' LSTM (`"scan"` on
+    TensorFlow, `"unrolled"` on JAX), and `"keras"` for training (Keras' LSTM
+    loop differentiates faster than the unrolled steps) and on GPUs.
+    benchmarks/README.md has the measurements behind each choice.
+    `training is False` (predict, evaluate), not `None`, selects the scan: a
+    direct call inside a user's XLA-compiled GradientTape loop may leave
+    `training` unset.
+    """
+    forced = _FORCED_PATH.get()
+    if forced is not None:
+        return forced if standard else "keras"
+    tensorflow = keras.backend.backend() == "tensorflow"
+    if implementation == "fused":
+        return "scan" if tensorflow and training is False else "unrolled"
+    if implementation != "auto":
+        return implementation
+    if not standard:
+        return "keras"
+    if keras.backend.backend() == "torch":
+        return "torch"
+    if static and not training and not gpu_backs_keras_lstm():
+        return "scan" if tensorflow and training is False else "unrolled"
+    return "keras"
+
+
+def mix(layer, x, training=None):
+    """Mixes the tokens of `x` with `layer`'s sublayers on the path `choose_path` picks."""
+    static = x.shape[1] is not None and x.shape[2] is not None
+    path = choose_path(layer.implementation, layer.standard, static, training)
+    if path in ("unrolled", "scan", "tflite_lstm") and not static:
+        raise ValueError(
+            f"Layer '{layer.name}' runs the {path!r} path, which needs the height and width when the model is "
+            "traced; give the model a fixed input_shape or use implementation='auto'. "
+            f"Received: input shape={tuple(x.shape)}"
+        )
+    if path == "keras":
+        return mix_keras(layer, x)
+    if path == "torch":
+        return mix_torch(layer, x)
+    if path == "tflite_lstm":
+        return mix_tflite_lstm(layer, x)
+    return mix_fused(layer, x, scan=path == "scan")
+
+
+# === "keras": the Bidirectional(LSTM) sublayers ===
+
+
+def mix_keras(layer, x):
+    """The recurrent sublayers as composed Keras layers (any option of the mixer)."""
+    batch, height, width = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
+    channels = x.shape[-1]
+    units = (2 if layer.bidirectional else 1) * layer.hidden_size
+    v = h = None
+    if layer.rnn_v is not None:  # vertical: one sequence of length `height` per column
+        columns = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, height, channels))
+        v = ops.transpose(ops.reshape(layer.rnn_v(columns), (batch, width, height, units)), (0, 2, 1, 3))
+    if layer.rnn_h is not None:  # horizontal: one sequence of length `width` per row
+        rows = ops.reshape(x, (-1, width, channels))
+        h = ops.reshape(layer.rnn_h(rows), (batch, height, width, units))
+    if v is None or h is None:
+        return h if v is None else v
+    return ops.concatenate([v, h], axis=-1) if layer.union == "cat" else v + h
+
+
+# === "unrolled" and "scan": the fused recurrence ===
+
+
+def _cells(layer):
+    """The four LSTM cells in output order: v forward, v backward, h forward, h backward."""
+    return [
+        layer.rnn_v.forward_layer.cell,
+        layer.rnn_v.backward_layer.cell,
+        layer.rnn_h.forward_layer.cell,
+        layer.rnn_h.backward_layer.cell,
+    ]
+
+
+def mix_fused(layer, x, scan: bool = False):
+    """All four directional LSTMs from one input projection and batched recurrent steps.
+
+    One batched recurrent matmul per step covers all four directions when the
+    map is square (as many columns as rows), the vertical and horizontal
+    pairs separately otherwise. `scan`: step with `ops.scan` instead of
+    Python-unrolled steps (same math).
+    """
+    height, width, units = x.shape[1], x.shape[2], layer.hidden_size
+    batch = ops.shape(x)[0]
+    cells = _cells(layer)
+    # `.value`: backend tensors (tf.stack rejects Keras variables).
+    kernel = ops.concatenate([cell.kernel.value for cell in cells], axis=-1)  # (C, 4 directions x 4 gates x u)
+    bias = ops.concatenate([cell.bias.value for cell in cells], axis=-1)
+    proj = ops.reshape(ops.matmul(x, kernel) + bias, (-1, height, width, 4, 4 * units))
+    # Time-major sequences: vertical (H steps, one per column), horizontal (W steps, one per row).
+    v_in = ops.reshape(ops.transpose(proj[..., :2, :], (1, 3, 0, 2, 4)), (height, 2, -1, 4 * units))
+    h_in = ops.reshape(ops.transpose(proj[..., 2:, :], (2, 3, 0, 1, 4)), (width, 2, -1, 4 * units))
+    recurrent = ops.stack([cell.recurrent_kernel.value for cell in cells])  # (4, u, 4u)
+    if height == width:  # B*W == B*H sequences: all four directions in one loop
+        out = _recur(ops.concatenate([v_in, h_in], axis=1), recurrent, cells[0], scan)
+        v_out, h_out = out[:, :2], out[:, 2:]
+    else:
+        v_out = _recur(v_in, recurrent[:2], cells[0], scan)
+        h_out = _recur(h_in, recurrent[2:], cells[0], scan)
+    # (T, 2, N, u) -> channels-last maps ordered [fwd, bwd].
+    v = ops.reshape(ops.transpose(v_out, (2, 0, 1, 3)), (batch, width, height, 2 * units))
+    v = ops.transpose(v, (0, 2, 1, 3))
+    h = ops.reshape(ops.transpose(h_out, (2, 0, 1, 3)), (batch, height, width, 2 * units))
+    return ops.concatenate([v, h], axis=-1)
+
+
+def _recur(inputs, recurrent, cell, scan=False):
+    """LSTM steps for D directions at once, with Keras' LSTMCell math; unrolled or as a scan.
+
+    `inputs` is `(T, D, N, 4u)` (projected input + bias), directions
+    alternating forward / backward: odd directions read the sequence in
+    reverse and write their outputs back in the original order. Returns
+    `(T, D, N, u)`.
+    """
+    steps, directions = inputs.shape[0], inputs.shape[1]
+    inputs = ops.stack([ops.flip(inputs[:, d], axis=0) if d % 2 else inputs[:, d] for d in range(directions)], axis=1)
+    zeros = ops.zeros_like(inputs[0, :, :, : recurrent.shape[1]])
+
+    def step(state, projected):
+        state_h, state_c = state
+        z = projected + ops.matmul(state_h, recurrent)
+        i, f, g, o = ops.split(z, 4, axis=-1)
+        state_c = cell.recurrent_activation(f) * state_c + cell.recurrent_activation(i) * cell.activation(g)
+        state_h = cell.recurrent_activation(o) * cell.activation(state_c)
+        return (state_h, state_c), state_h
+
+    if scan:
+
+        def scan_step(state, projected):
+            # Carry and output are the same (2, D, N, u) tensor: Keras 3.15's TF `scan` gives the
+            # per-step outputs the carry's structure and shape.
+            (state_h, state_c), _ = step((state[0], state[1]), projected)
+            state = ops.stack([state_h, state_c])
+            return state, state
+
+        _, states = ops.scan(scan_step, ops.stack([zeros, zeros]), inputs)
+        outputs = states[:, 0]
+    else:
+        state, outputs = (zeros, zeros), []
+        for t in range(steps):
+            state, out = step(state, inputs[t])
+            outputs.append(out)
+        outputs = ops.stack(outputs)  # (T, D, N, u)
+    return ops.stack([ops.flip(outputs[:, d], axis=0) if d % 2 else outputs[:, d] for d in range(directions)], axis=1)
+
+
+# === "torch": PyTorch's LSTM kernel ===
+
+
+def mix_torch(layer, x):
+    """Both BiLSTMs on `torch.lstm`, reading the same Keras variables; differentiable.
+
+    Keras' LSTM on the torch backend steps in Python on a CPU; this runs
+    PyTorch's own loop, as timm does.
+    """
+    import torch  # the PyTorch backend only (`check_implementation`)
+
+    batch, height, width, channels = (int(d) for d in x.shape)
+    units = layer.hidden_size
+
+    def bilstm(bidirectional, sequences):
+        weights = []
+        for cell in (bidirectional.forward_layer.cell, bidirectional.backward_layer.cell):
+            # Keras: kernel (C, 4u), recurrent (u, 4u), one bias; torch: transposed, two biases.
+            bias = cell.bias.value.to(sequences.dtype)
+            weights += [cell.kernel.value.to(sequences.dtype).T.contiguous(),
+                        cell.recurrent_kernel.value.to(sequences.dtype).T.contiguous(),
+                        bias, torch.zeros_like(bias)]  # fmt: skip
+        zeros = sequences.new_zeros((2, sequences.shape[0], units))
+        # (input, (h0, c0), weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        return torch.lstm(sequences, (zeros, zeros), weights, True, 1, 0.0, False, True, True)[0]
+
+    x = torch.as_tensor(x)
+    columns = x.permute(0, 2, 1, 3).reshape(batch * width, height, channels)
+    v = bilstm(layer.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
+    h = bilstm(layer.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)
+    return torch.cat([v, h], dim=-1)
+
+
+# === "tflite_lstm": TFLite's fused LSTM kernel (export only) ===
+
+
+@functools.cache
+def _fusable_lstm():
+    """A TF function with Keras' LSTM interface that the TFLite converter fuses.
+
+    Arguments and results follow tf-keras' `standard_lstm` (the converter reads
+    them by position): `(inputs, init_h, init_c, kernel, recurrent_kernel,
+    bias) -> (last_output, outputs, h, c, runtime)`, batch-major, gates
+    `[i, f, c, o]`. The body computes the same LSTM, for any runtime that does
+    not fuse it.
+    """
+    import tensorflow as tf
+
+    attributes = {"api_implements": f"lstm_{uuid.uuid4().hex}", "time_major": False, "go_backwards": False}
+
+    @tf.function(experimental_attributes=attributes, autograph=False)
+    def lstm(inputs, init_h, init_c, kernel, recurrent_kernel, bias):
+        projected = tf.transpose(tf.einsum("btc,cg->btg", inputs, kernel) + bias, (1, 0, 2))
+
+        def step(state, z):
+            h, c = state
+            i, f, g, o = tf.split(z + tf.matmul(h, recurrent_kernel), 4, axis=-1)
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+            return tf.sigmoid(o) * tf.tanh(c), c
+
+        hs, cs = tf.scan(step, projected, initializer=(init_h, init_c))
+        outputs = tf.transpose(hs, (1, 0, 2))
+        return outputs[:, -1], outputs, hs[-1], cs[-1], tf.constant(0.0)
+
+    return lstm
+
+
+def _is_standard_lstm(cell) -> bool:
+    return (
+        isinstance(cell, keras.layers.LSTMCell)
+        and cell.activation is keras.activations.tanh
+        and cell.recurrent_activation is keras.activations.sigmoid
+        and cell.use_bias
+    )
+
+
+def mix_tflite_lstm(layer, x):
+    """One fusable LSTM call per direction (TensorFlow tracing only).
+
+    The weights go in as constants, not variable reads: the converter's LSTM
+    fusion needs them folded (TensorFlow 2.21 crashes on resource reads there).
+    Cells with other activations keep the `"keras"` path.
+    """
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "The 'tflite_lstm' path traces TensorFlow functions for the TFLite converter and needs the "
+            f"TensorFlow backend. Received: backend={keras.backend.backend()!r}"
+        )
+    if not all(_is_standard_lstm(cell) for cell in _cells(layer)):
+        return mix_keras(layer, x)
+    batch, height, width, channels = x.shape
+    lstm = _fusable_lstm()
+
+    def run(sequences, cell):
+        zeros = tf.zeros((sequences.shape[0], cell.units), sequences.dtype)
+        with tf.init_scope():  # eager, inside the trace
+            values = [w.numpy() for w in (cell.kernel, cell.recurrent_kernel, cell.bias)]
+        return lstm(sequences, zeros, zeros, *[tf.constant(v) for v in values])[1]
+
+    def bidirectional(sequences, wrapper):
+        forward = run(sequences, wrapper.forward_layer.cell)
+        backward = tf.reverse(run(tf.reverse(sequences, [1]), wrapper.backward_layer.cell), [1])
+        return tf.concat([forward, backward], axis=-1)
+
+    units = 2 * layer.hidden_size
+    columns = tf.reshape(tf.transpose(x, (0, 2, 1, 3)), (batch * width, height, channels))
+    v = tf.transpose(tf.reshape(bidirectional(columns, layer.rnn_v), (batch, width, height, units)), (0, 2, 1, 3))
+    h = tf.reshape(bidirectional(tf.reshape(x, (batch * height, width, channels)), layer.rnn_h),
+                   (batch, height, width, units))  # fmt: skip
+    return tf.concat([v, h], axis=-1)

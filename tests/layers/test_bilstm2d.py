@@ -1,0 +1,174 @@
+"""BiLSTM2D: every forward path and every option against PyTorch references (timm's LSTM2d and nn.LSTM/GRU/RNN).
+
+References: timm's `LSTM2d` (its `bidirectional` / `union` / `with_fc` options),
+the same module with PyTorch's `nn.GRU` / `nn.RNN` put in place of its LSTMs
+(as the authors' GRU2D / RNN2D do).
+"""
+
+from conftest import BACKEND, copy_torch_rnn, load_timm_lstm2d, perturb_torch, run_layer_test, to_numpy, torch_rnn
+import keras
+import numpy as np
+import pytest
+
+from keras_sequencer.layers import BiLSTM2D, token_mixing
+
+# Every path this backend can run ("torch" needs the PyTorch backend).
+IMPLEMENTATIONS = [i for i in token_mixing.IMPLEMENTATIONS if i != "torch" or BACKEND == "torch"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("height,width", [(5, 5), (3, 7), (9, 2)])
+def test_bilstm2d_matches_timm_lstm2d(height, width, implementation):
+    from timm.models.sequencer import LSTM2d
+    import torch
+
+    torch.manual_seed(height * 10 + width)
+    module = LSTM2d(12, 5, bidirectional=True, union="cat", with_fc=True).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = np.random.RandomState(1).randn(2, height, width, 12).astype("float32")
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()  # timm's LSTM2d is channels-last too
+
+    layer = BiLSTM2D(5, implementation=implementation)
+    layer.build(x.shape)
+    load_timm_lstm2d(layer, module)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(to_numpy(layer(x, training=False)), expected, rtol=0, atol=2e-6)
+
+
+def test_bilstm2d_layer_contract():
+    layer, _, _ = run_layer_test(BiLSTM2D, {"hidden_size": 3, "implementation": "fused"}, (2, 4, 6, 8), (2, 4, 6, 8))
+    # Two independent BiLSTMs (4 directions x kernel, recurrent kernel, bias) + fc.
+    assert len(layer.trainable_weights) == 4 * 3 + 2
+    assert layer.count_params() == 4 * (8 * 12 + 3 * 12 + 12) + (12 * 8 + 8)
+
+
+def test_bilstm2d_direction_order():
+    """The concatenation order is [v_fwd, v_bwd, h_fwd, h_bwd]: zeroing one LSTM
+    direction's output kernel must silence exactly its channel block of `fc`'s input."""
+    layer = BiLSTM2D(2)
+    x = np.random.RandomState(0).randn(1, 3, 4, 6).astype("float32")
+    layer(x)
+    mixed = to_numpy(token_mixing.mix(layer, keras.ops.convert_to_tensor(x)))
+    assert mixed.shape == (1, 3, 4, 8)
+    # The vertical forward LSTM at row 0 has only seen row 0 of its column.
+    column_only = to_numpy(layer.rnn_v.forward_layer(x[:, :1, :, :].transpose(0, 2, 1, 3).reshape(4, 1, 6)))
+    np.testing.assert_allclose(mixed[0, 0, :, 0:2], column_only[:, 0, :], atol=1e-6)
+    # The horizontal backward LSTM at the last column has only seen that column.
+    last = to_numpy(layer.rnn_h.backward_layer(x[:, :, -1:, :].reshape(3, 1, 6)))
+    np.testing.assert_allclose(mixed[0, :, -1, 6:8], last[:, 0, :], atol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(4, 4), (3, 5)])
+def test_both_paths_train_identically(height, width):
+    """One SGD step through each path from the same weights lands on the same weights: the fused
+    path's gradients (and, on torch, those of "auto": torch.lstm) equal the Bidirectional(LSTM) layers'.
+    On TensorFlow and JAX also under `jit_compile=True` (XLA once refused the gradient of TF's scan;
+    on torch it would mean torch.compile, not what this test is about)."""
+    x = np.random.RandomState(0).randn(3, height, width, 6).astype("float32")
+    y = np.random.RandomState(1).randn(3, height, width, 6).astype("float32")
+    setups = [("keras", "auto"), ("fused", "auto"), ("unrolled", "auto"), ("auto", "auto")]
+    if BACKEND != "torch":
+        setups += [("fused", True), ("keras", True)]
+    models = []
+    for implementation, jit_compile in setups:
+        model = keras.Sequential([keras.Input((height, width, 6)), BiLSTM2D(3, implementation=implementation)])
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", jit_compile=jit_compile)
+        if models:
+            model.set_weights(models[0].get_weights())
+        models.append(model)
+    start = models[0].get_weights()
+    losses = [float(m.train_on_batch(x, y)) for m in models]
+    for other in range(1, len(models)):
+        np.testing.assert_allclose(losses[0], losses[other], rtol=1e-5)
+        for a, b in zip(models[0].get_weights(), models[other].get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert not np.allclose(models[0].get_weights()[1], start[1])  # weights moved
+
+
+def test_fused_needs_a_static_size():
+    """A traced graph with unknown height/width (e.g. TensorFlow relaxing shapes)
+    cannot unroll: "fused" says so, "auto" takes the Keras layers."""
+    symbolic = keras.KerasTensor((None, None, None, 4))
+    layer = BiLSTM2D(2, implementation="fused")
+    layer.build(symbolic.shape)
+    with pytest.raises(ValueError, match="'unrolled' path, which needs the height and width"):
+        token_mixing.mix(layer, symbolic)
+    auto = BiLSTM2D(2)
+    auto.build(symbolic.shape)
+    assert auto.compute_output_spec(symbolic).shape == (None, None, None, 4)
+
+
+def test_bilstm2d_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"hidden_size.*Received: hidden_size=0"):
+        BiLSTM2D(0)
+    with pytest.raises(ValueError, match=r"Received: implementation='cudnn'"):
+        BiLSTM2D(2, implementation="cudnn")
+    with pytest.raises(ValueError, match="ndim=4"):
+        BiLSTM2D(2)(np.zeros((2, 3, 4), "float32"))
+
+
+MIXER_CASES = [
+    # (rnn_type, bidirectional, union, with_fc, hidden) on 12 input channels
+    ("lstm", False, "cat", True, 5),
+    ("lstm", True, "add", True, 5),
+    ("lstm", True, "cat", False, 3),
+    ("lstm", True, "vertical", False, 6),
+    ("lstm", True, "horizontal", True, 5),
+    ("gru", True, "cat", True, 5),
+    ("rnn", True, "cat", True, 5),
+    ("gru", False, "add", True, 5),
+]
+
+
+@pytest.mark.parametrize("rnn_type,bidirectional,union,with_fc,hidden", MIXER_CASES)
+def test_bilstm2d_options_match_pytorch(rnn_type, bidirectional, union, with_fc, hidden):
+    from timm.models.sequencer import LSTM2d
+    import torch
+
+    module = LSTM2d(12, hidden, bidirectional=bidirectional, union=union, with_fc=with_fc)
+    if rnn_type != "lstm":  # the authors' GRU2D / RNN2D: the same module around other PyTorch RNNs
+        for name in ("rnn_v", "rnn_h"):
+            if isinstance(getattr(module, name), torch.nn.LSTM):
+                setattr(module, name, torch_rnn(rnn_type, 12, hidden, bidirectional))
+    perturb_torch(module, seed=hidden)
+    x = np.random.RandomState(1).randn(2, 3, 5, 12).astype("float32")  # H != W: directions cannot hide
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+
+    layer = BiLSTM2D(hidden, rnn_type=rnn_type, bidirectional=bidirectional, union=union, with_fc=with_fc)
+    layer.build(x.shape)
+    for name in ("rnn_v", "rnn_h"):
+        keras_rnn, reference = getattr(layer, name), getattr(module, name)
+        assert (keras_rnn is None) == (not isinstance(reference, torch.nn.RNNBase)), name
+        if keras_rnn is not None:
+            copy_torch_rnn(keras_rnn, reference, rnn_type)
+    if with_fc:
+        layer.fc.kernel.assign(module.fc.weight.detach().numpy().T)
+        layer.fc.bias.assign(module.fc.bias.detach().numpy())
+    else:
+        assert layer.fc is None and module.fc is None
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=0, atol=2e-6)
+    assert layer.count_params() == sum(p.numel() for p in module.parameters()) - _torch_extra_biases(module)
+
+
+def _torch_extra_biases(module) -> int:
+    """PyTorch keeps two biases per LSTM / SimpleRNN direction where Keras keeps one (GRU keeps both)."""
+    import torch
+
+    extra = 0
+    for rnn in module.modules():
+        if isinstance(rnn, (torch.nn.LSTM, torch.nn.RNN)):
+            extra += (2 if rnn.bidirectional else 1) * rnn.bias_hh_l0.numel()
+    return extra
+
+
+def test_option_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="must equal the input's 12 channels"):
+        BiLSTM2D(4, with_fc=False).build((None, 3, 3, 12))
+    with pytest.raises(ValueError, match="`union` must be one of"):
+        BiLSTM2D(4, union="mul")
+    with pytest.raises(ValueError, match="implementation='fused' implements the paper's mixer"):
+        BiLSTM2D(4, implementation="fused", rnn_type="gru")

@@ -1,0 +1,69 @@
+"""The token-mixing seam: which path runs, exporters' choice, and the paths' backend limits."""
+
+from conftest import BACKEND, to_numpy
+import keras
+import numpy as np
+import pytest
+
+from keras_sequencer.layers import BiLSTM2D, token_mixing
+
+
+def _layer_and_input(implementation="auto", seed=0):
+    layer = BiLSTM2D(3, implementation=implementation)
+    x = np.random.RandomState(seed).randn(2, 4, 5, 6).astype("float32")
+    layer.build(x.shape)
+    return layer, keras.ops.convert_to_tensor(x)
+
+
+def test_every_path_gives_the_same_tokens():
+    """Each path of `PATHS` this backend can run, forced with `use_path`, mixes like the Keras layers."""
+    layer, x = _layer_and_input()
+    expected = to_numpy(token_mixing.mix_keras(layer, x))
+    for path in token_mixing.PATHS:
+        if path == "torch" and BACKEND != "torch":
+            continue
+        with token_mixing.use_path(path):
+            np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6, err_msg=path)
+
+
+def test_use_path_overrides_the_implementation_and_keeps_ablations_on_keras(monkeypatch):
+    """Inside `use_path` every standard layer runs the forced path whatever its `implementation`; a layer
+    with an ablation option runs the only path that implements it."""
+    ran = []
+    for name in ("mix_keras", "mix_fused"):
+        real = getattr(token_mixing, name)
+        monkeypatch.setattr(token_mixing, name, lambda layer, x, *a, _real=real, _name=name, **k: ran.append(_name)
+                            or _real(layer, x, *a, **k))  # fmt: skip
+    layer, x = _layer_and_input(implementation="keras")
+    with token_mixing.use_path("unrolled"):
+        token_mixing.mix(layer, x)
+    gru = BiLSTM2D(3, rnn_type="gru")
+    gru.build(x.shape)
+    with token_mixing.use_path("unrolled"):
+        token_mixing.mix(gru, x)
+    token_mixing.mix(layer, x)  # outside the block: the layer's own choice again
+    assert ran == ["mix_fused", "mix_keras", "mix_keras"]
+    with pytest.raises(ValueError, match=r"`path` must be one of .*Received: path='cudnn'"):
+        with token_mixing.use_path("cudnn"):
+            pass
+
+
+def test_torch_path_needs_the_torch_backend():
+    if BACKEND == "torch":
+        layer, x = _layer_and_input(implementation="torch")
+        np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(layer.fc(token_mixing.mix_keras(layer, x))), atol=2e-6)
+    else:
+        with pytest.raises(ValueError, match=r"needs the PyTorch backend.*Received: implementation='torch'"):
+            BiLSTM2D(3, implementation="torch")
+
+
+def test_tflite_lstm_path_computes_the_lstm_on_tensorflow_only():
+    """The export-only path traces TensorFlow functions: the same tokens there, a clear error elsewhere."""
+    layer, x = _layer_and_input()
+    with token_mixing.use_path("tflite_lstm"):
+        if BACKEND == "tensorflow":
+            expected = to_numpy(token_mixing.mix_keras(layer, x))
+            np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6)
+        else:
+            with pytest.raises(ValueError, match="needs the TensorFlow backend"):
+                token_mixing.mix(layer, x)

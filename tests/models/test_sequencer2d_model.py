@@ -1,0 +1,117 @@
+"""Sequencer2DModel: input checks, XLA predict on CPU TensorFlow, and saving / reloading across backends."""
+
+import json
+
+from conftest import BACKEND, TINY, global_dtype_policy, run_python, to_numpy
+import keras
+import numpy as np
+import pytest
+
+import keras_sequencer as ks
+
+
+def _tiny(**kwargs):
+    return ks.Sequencer2D(**TINY, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((16, 16, 3), r"add a batch axis.*Received: inputs.shape=\(16, 16, 3\)"),
+        ((1, 6, 30, 3), r"at least 8x8 pixels.*Received: inputs.shape=\(1, 6, 30, 3\)"),
+    ],
+)
+def test_bad_images_at_call_time(shape, message):
+    model = _tiny()
+    with pytest.raises(ValueError, match=message):
+        model(np.zeros(shape, "float32"))
+    with pytest.raises(ValueError, match=message):
+        model.predict(np.zeros(shape, "float32"), verbose=0)
+
+
+def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch):
+    """`predict` equals a direct call; on CPU-only TensorFlow Keras is asked to XLA-compile its predict step
+    (Keras alone would not on a CPU) unless `xla_predict_on_cpu` is turned off."""
+    model = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
+    x = np.random.RandomState(0).uniform(0, 255, (2, 24, 40, 3)).astype("float32")
+    eager = to_numpy(model(x, training=False))
+    tensorflow = keras.backend.backend() == "tensorflow"
+    jit_requests = []
+    if tensorflow:
+        import tensorflow as tf
+
+        assert not tf.config.list_logical_devices("GPU"), "this check is for CPU-only TensorFlow"
+        real_function = tf.function
+
+        def spy(*args, **kwargs):  # records which functions are asked to be XLA-compiled
+            if kwargs.get("jit_compile") and args:  # a function handed over to be XLA-compiled
+                jit_requests.append(args[0])
+            return real_function(*args, **kwargs)
+
+        monkeypatch.setattr(tf, "function", spy)
+    np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
+    if tensorflow:
+        assert jit_requests  # predict's step function was asked to be XLA-compiled
+        assert not model.jit_compile  # training keeps Keras' CPU default
+        jit_requests.clear()
+    model.xla_predict_on_cpu = False
+    model.compile(loss="mse")  # a new predict function
+    np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
+    if tensorflow:
+        assert not jit_requests
+    # Nor under a bfloat16 policy (XLA's CPU bfloat16 is slower than TensorFlow's kernels).
+    with global_dtype_policy("mixed_bfloat16"):
+        mixed = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
+    mixed.set_weights(model.get_weights())
+    np.testing.assert_allclose(to_numpy(mixed.predict_on_batch(x)), eager, rtol=0, atol=0.05 * np.abs(eager).max())
+    if tensorflow:
+        assert not jit_requests
+
+
+_RELOAD = """
+import json, os
+import numpy as np, keras
+import keras_sequencer as ks
+x = np.load({x!r})
+for kind in ("keras", "weights"):
+    if kind == "keras":
+        model = keras.models.load_model(os.path.join({directory!r}, "model.keras"))
+    else:
+        model = ks.Sequencer2D(**json.loads({config!r}), classes=5, classifier_activation=None, drop_path_rate=0.1)
+        model.load_weights(os.path.join({directory!r}, "model.weights.h5"))
+    y = keras.ops.convert_to_numpy(model.predict_on_batch(x))
+    np.save(os.path.join({directory!r}, f"out_{{kind}}_{target}.npy"), y)
+    print(kind, type(model).__name__, model.min_image_size)
+"""
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved")
+    # drop_path_rate > 0 gives the blocks random state; it must not disturb reloading.
+    model = ks.Sequencer2D(**TINY, classes=5, classifier_activation=None, drop_path_rate=0.1)
+    x = np.random.RandomState(0).uniform(0, 255, (2, 24, 40, 3)).astype("float32")
+    np.save(d / "x.npy", x)
+    model.save(d / "model.keras")
+    model.save_weights(d / "model.weights.h5")
+    return d, to_numpy(model.predict_on_batch(x))
+
+
+@pytest.mark.parametrize("target", ["tensorflow", "jax", "torch"])
+def test_reload_in_a_fresh_process_on_every_backend(saved, target):
+    """A `.keras` file and a `.weights.h5` saved on this backend give the same outputs on `target`."""
+    d, expected = saved
+    code = _RELOAD.format(x=str(d / "x.npy"), directory=str(d), config=json.dumps(TINY), target=target)
+    stdout = run_python(code, backend=target)
+    for kind in ("keras", "weights"):
+        assert f"{kind} Sequencer2DModel 8" in stdout  # the model class and its input check survive
+        np.testing.assert_allclose(np.load(d / f"out_{kind}_{target}.npy"), expected, rtol=0, atol=1e-5,
+                                   err_msg=f"{kind}: {BACKEND} -> {target}")  # fmt: skip
+
+
+def test_config_round_trip_rebuilds_the_same_graph():
+    model = ks.Sequencer2D(**TINY, include_top=False, pooling="max", include_preprocessing=False)
+    clone = ks.models.Sequencer2DModel.from_config(model.get_config())
+    assert type(clone) is ks.models.Sequencer2DModel
+    assert [layer.get_config() for layer in clone.layers] == [layer.get_config() for layer in model.layers]
+    assert clone.count_params() == model.count_params()

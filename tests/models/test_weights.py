@@ -1,0 +1,60 @@
+"""Loading weights into a built model: checkpoints in every format, Keras files, strictness."""
+
+from conftest import TINY, authors_layout, normalise, timm_logits, timm_state_dict, to_numpy
+import numpy as np
+import pytest
+
+import keras_sequencer as ks
+from keras_sequencer.models.weights import assign
+from keras_sequencer.presets import variant_config
+
+
+def _images(h=56, w=84, n=2, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (n, h, w, 3)).astype(np.uint8)
+
+
+def test_checkpoint_paths_in_every_format(tmp_path):
+    from safetensors.numpy import save_file
+    import torch
+
+    sd = timm_state_dict("s")
+    save_file(sd, tmp_path / "timm.safetensors")
+    layers = variant_config("s")["layers"]
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in authors_layout(sd, layers).items()}}, tmp_path / "a.pth")
+
+    images = _images(seed=1)
+    expected = timm_logits("s", normalise(images))
+    from_safetensors = ks.Sequencer2DS(weights=str(tmp_path / "timm.safetensors"), classifier_activation=None)
+    from_pth = ks.Sequencer2DS(weights=tmp_path / "a.pth", classifier_activation=None)
+    from_safetensors.save_weights(tmp_path / "s.weights.h5")
+    from_h5 = ks.Sequencer2DS(weights=str(tmp_path / "s.weights.h5"), classifier_activation=None)
+    for model in (from_safetensors, from_pth, from_h5):
+        np.testing.assert_allclose(to_numpy(model.predict_on_batch(images.astype("float32"))), expected, atol=1e-5)
+
+
+def test_weights_file_of_another_architecture_is_rejected(tmp_path):
+    source = ks.Sequencer2D(**TINY, classes=5)
+    source.save_weights(tmp_path / "tiny.weights.h5")
+    path = str(tmp_path / "tiny.weights.h5")
+    # Keras alone would load a prefix of a deeper model's file without a word.
+    for layers in ((3, 1, 1), (1, 1, 1)):
+        with pytest.raises(ValueError, match="another architecture"):
+            ks.Sequencer2D(**{**TINY, "layers": layers}, classes=5, weights=path)
+    with pytest.raises(ValueError, match="another architecture"):
+        ks.Sequencer2D(**TINY, classes=6, weights=path)
+    # A headless model takes the file's body and leaves the head.
+    headless = ks.Sequencer2D(**TINY, include_top=False, weights=path)
+    for a, b in zip(headless.weights, source.weights[: len(headless.weights)], strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+def test_assign_is_strict():
+    model = ks.Sequencer2D(**TINY, classes=5)
+    variables = {v.path: np.zeros(v.shape, "float32") for v in model.weights}
+    first = next(iter(variables))
+    with pytest.raises(ValueError, match=r"missing \['" + first):
+        assign(model, {k: v for k, v in variables.items() if k != first})
+    with pytest.raises(ValueError, match=r"unexpected \['extra/kernel'\]"):
+        assign(model, {**variables, "extra/kernel": np.zeros(1, "float32")})
+    with pytest.raises(ValueError, match=f"Weight '{first}' .* the checkpoint gives \\(1,\\)"):
+        assign(model, {**variables, first: np.zeros(1, "float32")})
