@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv and runs ruff and the test suite: the whole suite on the TensorFlow backend, then the
 # backend-dependent tests (not marked backend_agnostic) on JAX and on PyTorch; prints the 25 slowest tests.
+# Tests run in TEST_WORKERS pytest-xdist processes (default: one per core), each limited to one compute
+# thread so that they share the cores instead of fighting over them.
 # Usage: bash scripts/test.sh [extra pytest args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,14 +21,19 @@ bash scripts/fashion_mnist.sh  # real data offline (Debian package)
 echo "== ruff"
 ruff check . && ruff format --check . || exit 1
 
+workers=${TEST_WORKERS:-$(nproc)}
+if [ "$workers" -gt 1 ]; then
+    export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=2
+    export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+fi
 reports=$(mktemp -d)
 status=0
 for backend in tensorflow jax torch; do
     selection=()
     [ "$backend" = tensorflow ] || selection=(-m "not backend_agnostic")
     echo "== pytest, KERAS_BACKEND=$backend ${selection[*]}"
-    KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 python -m pytest -p no:cacheprovider --junitxml="$reports/$backend.xml" \
-        "${selection[@]}" "$@" || status=1
+    KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 python -m pytest -p no:cacheprovider -n "$workers" \
+        --dist worksteal --junitxml="$reports/$backend.xml" "${selection[@]}" "$@" || status=1
 done
 
 echo "== 25 slowest tests (all passes)"

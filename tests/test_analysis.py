@@ -75,7 +75,7 @@ def test_eval_resolution_on_fashion_mnist_matches_a_direct_count(tmp_path):
                            input_tensor=keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs),
                            include_preprocessing=False, classes=10, weights=None)  # fmt: skip
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    model.fit(x_train[:6000].astype("float32"), y_train[:6000], batch_size=64, epochs=1, verbose=0)
+    model.fit(x_train[:3000].astype("float32"), y_train[:3000], batch_size=64, epochs=1, verbose=0)
     model.save(tmp_path / "fm.keras")
 
     result = run_cli("eval-resolution", "--model", tmp_path / "fm.keras", "--dataset", "fashion_mnist", "--limit", 200,

@@ -18,7 +18,7 @@ BACKEND = "torch"  # the fastest worker to start; the command spawns its own pro
 @pytest.mark.backend_agnostic
 def test_bench_writes_table_json_and_png(tmp_path):
     result = run_cli(
-        "bench", "--backends", BACKEND, "--paths", "auto", "keras", "fused", "--batch-sizes", "1", "2", "--size", "28",
+        "bench", "--backends", BACKEND, "--paths", "auto", "--batch-sizes", "1", "2", "--size", "28",
         "--memory-size", "42", "--runs", "1", "--warmup", "1", "--gemm-size", "256", "--no-tflite",
         "--output", tmp_path,
     )  # fmt: skip
@@ -27,7 +27,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
     rows, gemm = found["rows"], found["machine"]["fp32_gemm"]
     assert gemm["size"] == 256 and gemm["flops_per_s"] > 1e8
     engines = {(r["engine"], r["path"], r["task"], r["batch"]) for r in rows}
-    for path in ("auto", "keras", "fused"):
+    for path in ("auto",):
         for task, batch in (("inference", 1), ("inference", 2), ("train_step", 2), ("memory", 1)):
             assert (f"keras-{BACKEND}", path, task, batch) in engines
             assert ("timm", "-", task, batch) in engines

@@ -87,6 +87,7 @@ def _images(h=56, w=84, n=2, seed=0):
     return np.random.RandomState(seed).randint(0, 256, (n, h, w, 3)).astype(np.uint8)
 
 
+@pytest.mark.backend_agnostic  # loading each file kind on every backend: models/test_weights.py
 def test_imagenet_weights_download_verify_convert_cache(hub, monkeypatch):
     _pin(monkeypatch, "s", hub.publish("s", _safetensors_bytes("s")))
     images = _images()

@@ -7,29 +7,48 @@ import pytest
 import keras_sequencer as ks
 from keras_sequencer.models.weights import assign
 from keras_sequencer.presets import variant_config
+from keras_sequencer.pretrained import read_checkpoint
 
 
 def _images(h=56, w=84, n=2, seed=0):
     return np.random.RandomState(seed).randint(0, 256, (n, h, w, 3)).astype(np.uint8)
 
 
-def test_checkpoint_paths_in_every_format(tmp_path):
+def test_checkpoint_and_keras_weights_files_load(tmp_path):
+    """A timm `.safetensors` (given as a PathLike) gives timm's logits; its `.weights.h5` reloads every array."""
+    from safetensors.numpy import save_file
+
+    save_file(timm_state_dict("s"), tmp_path / "timm.safetensors")
+    images = _images(seed=1)
+    from_safetensors = ks.Sequencer2DS(weights=tmp_path / "timm.safetensors", classifier_activation=None)
+    np.testing.assert_allclose(
+        to_numpy(from_safetensors.predict_on_batch(images.astype("float32"))),
+        timm_logits("s", normalise(images)),
+        atol=1e-5,
+    )
+    from_safetensors.save_weights(tmp_path / "s.weights.h5")
+    from_h5 = ks.Sequencer2DS(weights=str(tmp_path / "s.weights.h5"), classifier_activation=None)
+    for a, b in zip(from_h5.weights, from_safetensors.weights, strict=True):
+        assert a.path == b.path
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=a.path)
+
+
+@pytest.mark.backend_agnostic
+def test_pytorch_checkpoint_in_the_authors_layout_reads_like_the_safetensors(tmp_path):
+    """The authors' `.pth` release (wrapped in {"model": ...}, `blocks.*` keys) converts to the same arrays."""
     from safetensors.numpy import save_file
     import torch
 
     sd = timm_state_dict("s")
+    config = variant_config("s")
     save_file(sd, tmp_path / "timm.safetensors")
-    layers = variant_config("s")["layers"]
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in authors_layout(sd, layers).items()}}, tmp_path / "a.pth")
-
-    images = _images(seed=1)
-    expected = timm_logits("s", normalise(images))
-    from_safetensors = ks.Sequencer2DS(weights=str(tmp_path / "timm.safetensors"), classifier_activation=None)
-    from_pth = ks.Sequencer2DS(weights=tmp_path / "a.pth", classifier_activation=None)
-    from_safetensors.save_weights(tmp_path / "s.weights.h5")
-    from_h5 = ks.Sequencer2DS(weights=str(tmp_path / "s.weights.h5"), classifier_activation=None)
-    for model in (from_safetensors, from_pth, from_h5):
-        np.testing.assert_allclose(to_numpy(model.predict_on_batch(images.astype("float32"))), expected, atol=1e-5)
+    wrapped = {"model": {k: torch.from_numpy(v) for k, v in authors_layout(sd, config["layers"]).items()}}
+    torch.save(wrapped, tmp_path / "a.pth")
+    from_pth = ks.convert_state_dict(read_checkpoint(tmp_path / "a.pth"), config)
+    from_safetensors = ks.convert_state_dict(read_checkpoint(str(tmp_path / "timm.safetensors")), config)
+    assert from_pth.keys() == from_safetensors.keys()
+    for key in from_pth:
+        np.testing.assert_array_equal(from_pth[key], from_safetensors[key], err_msg=key)
 
 
 def test_weights_file_of_another_architecture_is_rejected(tmp_path):
