@@ -20,9 +20,9 @@ def test_onnx_has_native_lstms_and_a_dynamic_batch(tmp_path):
     graph = onnx.load(path).graph
     kinds = collections.Counter(node.op_type for node in graph.node)
     assert kinds["LSTM"] >= 2 * sum(TINY["layers"]) and not kinds.keys() & {"Loop", "Scan"}, kinds
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (name,) = [i.name for i in session.get_inputs()]
+    runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in runtime.get_inputs()]
     for batch in (1, 3):
         images = random_images(batch, 32, seed=batch)
-        got = session.run(None, {name: images})[0]
+        got = runtime.run(None, {name: images})[0]
         np.testing.assert_allclose(got, to_numpy(model.predict_on_batch(images)), rtol=0, atol=1e-4)

@@ -77,7 +77,7 @@ def test_tflite_float16_halves_the_weights(tmp_path):
 
 @functools.cache
 def _fashion_model():
-    """A small Sequencer2D trained briefly on real Fashion-MNIST images (28x28x1, 0-255 in)."""
+    """A small Sequencer2D trained for two epochs on real Fashion-MNIST images (28x28x1, 0-255 in)."""
     from keras_sequencer.data import load_fashion_mnist
 
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
