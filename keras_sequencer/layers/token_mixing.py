@@ -51,6 +51,8 @@ def use_path(path: str):
     """
     if path not in PATHS + EXPORT_PATHS:
         raise ValueError(f"`path` must be one of {PATHS + EXPORT_PATHS}. Received: path={path!r}")
+    if path == "torch":
+        check_implementation(path)  # the PyTorch backend only
     token = _FORCED_PATH.set(path)
     try:
         yield

@@ -55,6 +55,8 @@ def test_torch_path_needs_the_torch_backend():
     else:
         with pytest.raises(ValueError, match=r"needs the PyTorch backend.*Received: implementation='torch'"):
             BiLSTM2D(3, implementation="torch")
+        with pytest.raises(ValueError, match="needs the PyTorch backend"), token_mixing.use_path("torch"):
+            pass
 
 
 def test_tflite_lstm_path_computes_the_lstm_on_tensorflow_only():
