@@ -41,6 +41,7 @@ def variant_config(variant: str) -> dict:
 # models/vanilla_sequencer.py), under their registered names. None has published weights.
 _S = VARIANTS["s"]
 _H2X = (96, 192, 192, 192)
+_VANILLA = {"layers": _S["layers"], "mlp_ratios": (3.0, 3.0, 3.0, 3.0), "mixer": "1d"}
 ABLATIONS: dict[str, dict] = {
     "sequencer2d_s_unidirectional": {**_S, "bidirectional": False},
     "sequencer2d_s_add": {**_S, "union": "add"},
@@ -57,20 +58,15 @@ ABLATIONS: dict[str, dict] = {
     },
     # Vanilla Sequencer: one BiLSTM over the flattened tokens, no output projection.
     "v_sequencer_s": {
-        "layers": (4, 3, 8, 3),
+        **_VANILLA,
         "patch_sizes": (14, 1, 1, 1),
         "embed_dims": (384, 384, 384, 384),
         "hidden_sizes": (192, 192, 192, 192),
-        "mlp_ratios": (3.0, 3.0, 3.0, 3.0),
-        "mixer": "1d",
     },
     "v_sequencer_s_h": {
-        "layers": (4, 3, 8, 3),
-        "patch_sizes": (7, 2, 1, 1),
-        "embed_dims": (192, 384, 384, 384),
+        **_VANILLA,
+        **{k: _COMMON[k] for k in ("patch_sizes", "embed_dims")},
         "hidden_sizes": (96, 192, 192, 192),
-        "mlp_ratios": (3.0, 3.0, 3.0, 3.0),
-        "mixer": "1d",
     },
 }
 
