@@ -167,7 +167,8 @@ def main(argv=None) -> int:
 
     p = commands.add_parser("train", help="train / fine-tune on a tfds dataset or an image folder")
     p.add_argument("--dataset", required=True,
-                   help="tfds:NAME (prepared), folder:PATH (PATH/<split>/<class>/...) or fashion_mnist")  # fmt: skip
+                   help="tfds:NAME (prepared), folder:PATH (PATH/<split>/<class>/...), or fashion_mnist with "
+                        "--eval-split test")  # fmt: skip
     p.add_argument("--variant", default="s", choices=["s", "m", "l"])
     p.add_argument("--recipe", default="imagenet", help="imagenet | finetune392 | cifar_transfer | fashion_mnist")
     p.add_argument("--weights", default="none", help="none | imagenet | PATH")

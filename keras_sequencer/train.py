@@ -232,7 +232,7 @@ def run(
         dataset: a spec for `data.load_split`: `"tfds:NAME"` (prepared in
             `data_dir`; nothing is downloaded), `"folder:PATH"`
             (PATH/<train_split>/<class>/..., PATH/<eval_split>/<class>/...)
-            or `"fashion_mnist"`.
+            or `"fashion_mnist"` (splits "train" and "test").
         variant: "s", "m" or "l".
         recipe: a key of `RECIPES`.
         weights: None (from scratch), "imagenet" or a path; with weights the head

@@ -16,6 +16,7 @@ same file.
 - SavedModel (`saved_model.py`): for TF Serving, signature `serve`, dynamic batch.
 """
 
+import numbers
 import os
 
 import keras
@@ -81,6 +82,10 @@ def export(
         raise ValueError(f"`lstm` must be one of {LOWERINGS}. Received: lstm={lstm!r}")
     if lstm != "auto" and format != "tflite":
         raise ValueError(f"`lstm` chooses the TFLite lowering. Received: format={format!r}, lstm={lstm!r}")
+    if input_size is not None:
+        if len(input_size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in input_size):
+            raise ValueError(f"`input_size` must be (height, width), positive ints. Received: {input_size!r}")
+        input_size = (int(input_size[0]), int(input_size[1]))  # NumPy integers too
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}")
     if quantize == "int8":
@@ -139,8 +144,6 @@ def _input_size(model, input_size):
         raise ValueError(f"Expected a model taking (batch, height, width, channels). Received: {shape}")
     _, height, width, channels = shape
     if input_size is not None:
-        if len(input_size) != 2 or not all(isinstance(s, int) and s > 0 for s in input_size):
-            raise ValueError(f"`input_size` must be (height, width), positive ints. Received: {input_size!r}")
         for given, fixed, what in ((input_size[0], height, "height"), (input_size[1], width, "width")):
             if fixed is not None and given != fixed:
                 raise ValueError(

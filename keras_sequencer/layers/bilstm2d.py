@@ -97,7 +97,7 @@ class BiLSTM2D(keras.layers.Layer):
         self.bidirectional = bool(bidirectional)
         self.union = union
         self.with_fc = bool(with_fc)
-        token_mixing.check_implementation(implementation, self.standard)
+        token_mixing.check_implementation(implementation, self.standard, runs_here=False)
         self.input_spec = keras.layers.InputSpec(ndim=4)
         args = (rnn_type, hidden_size, self.bidirectional)
         self.rnn_v = None if union == "horizontal" else sequence_layer(*args, name="rnn_v", dtype=self.dtype_policy)

@@ -75,18 +75,21 @@ def gpu_backs_keras_lstm() -> bool:
     return False
 
 
-def check_implementation(implementation: str, standard: bool = True) -> None:
-    """Raises a ValueError naming the problem unless `implementation` can run here.
+def check_implementation(implementation: str, standard: bool = True, runs_here: bool = True) -> None:
+    """Raises a ValueError naming the problem unless `implementation` is valid (and, with `runs_here`, can run
+    on this process' backend).
 
     `standard`: whether the mixer is the paper's (bidirectional LSTMs,
     union "cat", with the output projection); the fused paths implement
-    only that one.
+    only that one. Layers pass `runs_here=False`: a `.keras` file saved with
+    `implementation="torch"` still loads elsewhere (and exports, which
+    choose their own path); calling it there raises.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
         )
-    if implementation == "torch" and keras.backend.backend() != "torch":
+    if runs_here and implementation == "torch" and keras.backend.backend() != "torch":
         raise ValueError(
             "implementation='torch' runs PyTorch's LSTM kernel and needs the PyTorch backend "
             f"(KERAS_BACKEND=torch); this process uses {keras.backend.backend()!r}. Use 'auto' on any backend. "
@@ -143,6 +146,7 @@ def mix(layer, x, training=None):
     if path == "keras":
         return mix_keras(layer, x)
     if path == "torch":
+        check_implementation(path)  # the PyTorch backend only
         return mix_torch(layer, x)
     if path == "tflite_lstm":
         return mix_tflite_lstm(layer, x)

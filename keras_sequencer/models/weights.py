@@ -92,14 +92,13 @@ def _load_imagenet(model: keras.Model, variant: str, config: dict, include_top: 
         _load_keras_weights(model, cached, include_top)
         return
     try:
-        variables = convert_state_dict(pretrained.read_checkpoint(source), config, include_top=include_top)
+        assign(model, convert_state_dict(pretrained.read_checkpoint(source), config, include_top=include_top))
     except ValueError as e:
         pretrained.remove(source)  # a corrupt or foreign file must not stay in the cache
         raise ValueError(
             f"The checkpoint downloaded for Sequencer2D-{variant.upper()} cannot be used and was "
             f"removed from the cache: {e}"
         ) from e
-    assign(model, variables)
     if include_top and all(v.dtype == "float32" for v in model.weights):
         save_weights(model, cached)
 

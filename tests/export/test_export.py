@@ -49,3 +49,13 @@ def test_errors_found_during_conversion_come_back_as_themselves(tmp_path):
     with pytest.raises(ValueError, match=r"takes any image size.*input_size=\(height, width\)"):
         export(str(tmp_path / "any_size.keras"), str(tmp_path / "m.tflite"))
     assert not os.path.exists(tmp_path / "m.tflite")
+
+
+def test_numpy_sizes_are_taken_and_bad_sizes_refused(tmp_path):
+    """`input_size` from NumPy (e.g. an array's shape) works from every backend; a wrong one is refused at once."""
+    model = tiny_model(input_shape=(None, None, 3))
+    report = export(model, str(tmp_path / "m.tflite"), input_size=np.array([32, 40]))
+    assert report["input_shape"] == [1, 32, 40, 3]
+    for bad in ((32,), (32, 0), (32.0, 40)):
+        with pytest.raises(ValueError, match=r"`input_size` must be \(height, width\), positive ints"):
+            export(model, str(tmp_path / "bad.tflite"), input_size=bad)

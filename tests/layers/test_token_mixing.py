@@ -1,10 +1,11 @@
 """The token-mixing seam: which path runs, exporters' choice, and the paths' backend limits."""
 
-from conftest import BACKEND, to_numpy
+from conftest import BACKEND, TINY, to_numpy
 import keras
 import numpy as np
 import pytest
 
+import keras_sequencer as ks
 from keras_sequencer.layers import BiLSTM2D, token_mixing
 
 
@@ -49,14 +50,22 @@ def test_use_path_overrides_the_implementation_and_keeps_ablations_on_keras(monk
 
 
 def test_torch_path_needs_the_torch_backend():
+    """`implementation="torch"` runs on PyTorch only: elsewhere the builder refuses it at once, and a layer
+    restored from a PyTorch user's config loads (so the file can be exported) but refuses to run."""
+    layer, x = _layer_and_input(implementation="torch")
     if BACKEND == "torch":
-        layer, x = _layer_and_input(implementation="torch")
         np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(layer.fc(token_mixing.mix_keras(layer, x))), atol=2e-6)
-    else:
-        with pytest.raises(ValueError, match=r"needs the PyTorch backend.*Received: implementation='torch'"):
-            BiLSTM2D(3, implementation="torch")
-        with pytest.raises(ValueError, match="needs the PyTorch backend"), token_mixing.use_path("torch"):
-            pass
+        return
+    message = r"needs the PyTorch backend.*Received: implementation='torch'"
+    with pytest.raises(ValueError, match=message):
+        layer(x)
+    with pytest.raises(ValueError, match=message):
+        ks.Sequencer2D(**TINY, implementation="torch")
+    with pytest.raises(ValueError, match="needs the PyTorch backend"), token_mixing.use_path("torch"):
+        pass
+    # Exporters choose their own path for every layer, whatever the layer's implementation.
+    with token_mixing.use_path("keras"):
+        np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), to_numpy(token_mixing.mix_keras(layer, x)))
 
 
 def test_tflite_lstm_path_computes_the_lstm_on_tensorflow_only():
