@@ -65,7 +65,7 @@ def export(
 
     Returns:
         A dict: `path`, `format`, `bytes`, `input_shape`, and for TFLite
-        `ops` (op name -> count) and `quantize`.
+        `ops` (op name -> count), `quantize` and the `lstm` lowering used.
 
     Raises:
         ValueError: an unknown format or quantisation, a missing or

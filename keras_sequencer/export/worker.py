@@ -40,7 +40,7 @@ def export_in_tensorflow(model, output: str, **options) -> dict:
             options = {**options, "calibration": os.path.join(tmp, "calibration.npy")}
         request, result_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
         with open(request, "w") as f:
-            json.dump({"model": path, "output": os.path.abspath(output), "options": options}, f, default=_plain)
+            json.dump({"model": path, "output": os.path.abspath(output), "options": options}, f)
         env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
         process = subprocess.run([sys.executable, "-c", _ENTRY, request, result_path], capture_output=True,
                                  text=True, env=env)  # fmt: skip
@@ -57,15 +57,6 @@ def export_in_tensorflow(model, output: str, **options) -> dict:
         f"Export runs TensorFlow's converters; the TensorFlow subprocess (this process uses the "
         f"{keras.backend.backend()} backend) failed with {said}\n{process.stderr[-4000:]}"
     )
-
-
-def _plain(value):
-    """JSON for what `json` does not take: NumPy scalars and arrays (e.g. an `input_size`), paths."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"Cannot pass {value!r} to the export subprocess")
 
 
 def serve(request_path: str, result_path: str, export) -> int:
