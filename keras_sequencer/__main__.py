@@ -50,6 +50,7 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
+    from keras_sequencer.checkpointing import save_model
     from keras_sequencer.train import run
 
     weights = None if args.weights == "none" else args.weights
@@ -59,7 +60,7 @@ def _train(args) -> int:
         eval_split=args.eval_split, mixed_precision=args.mixed_precision, devices=args.devices,
         steps_per_epoch=args.steps_per_epoch,
     )  # fmt: skip
-    model.save(f"{args.output}/model.keras")
+    save_model(model, os.path.join(args.output, "model.keras"))
     print(f"final: { ({k: round(v[-1], 4) for k, v in history.history.items()}) }; model: {args.output}/model.keras")
     return 0
 

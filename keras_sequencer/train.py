@@ -6,7 +6,8 @@ import os
 
 import keras
 
-from keras_sequencer import data
+from keras_sequencer import data, distributed
+from keras_sequencer.checkpointing import TrainingState
 from keras_sequencer.data import NO_AUGMENT, Augment
 from keras_sequencer.models import Sequencer2D
 from keras_sequencer.presets import variant_config
@@ -114,18 +115,37 @@ def make_optimizer(recipe: Recipe, global_batch: int, steps_per_epoch: int, epoc
 
 @contextlib.contextmanager
 def distribution_scope(devices: int | None = None):
-    """Data parallelism over the local devices, on the backend's own engine.
+    """Data parallelism over this machine's devices or, on JAX, over every device of a multi-process job.
 
-    - TensorFlow: `tf.distribute.MirroredStrategy` (build and compile inside the scope).
-    - JAX: `keras.distribution.DataParallel` (set globally for the duration).
-    - PyTorch: a single device only; Keras 3's torch backend has no
-      in-process data parallelism (use torchrun + DDP outside Keras' `fit`).
+    - JAX: `keras.distribution.DataParallel`, set globally for the duration.
+      When Keras' variables `KERAS_DISTRIBUTION_JOB_ADDRESSES`,
+      `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID`
+      describe a job of several processes, the process first joins it
+      (`distributed.initialize`: gloo collectives between CPUs) and the
+      distribution spans the devices of all processes; Keras then feeds each
+      process its own slice of every global batch. Enter the scope before
+      building models or datasets: joining must precede the first JAX
+      computation.
+    - TensorFlow: `tf.distribute.MirroredStrategy` over local devices (build
+      and compile inside the scope). `TF_CONFIG` multi-worker jobs are refused
+      (`distributed.refuse_tf_config`).
+    - PyTorch: one device; Keras 3 has no data parallelism for its torch
+      backend (train many devices with the JAX backend, or with torchrun and
+      DistributedDataParallel in a training loop of your own).
     With one device this is a no-op on every backend.
     """
     backend = keras.backend.backend()
+    job = distributed.job_from_environment()
+    if job is not None and job.num_processes > 1 and backend != "jax":
+        raise ValueError(
+            f"{distributed.ADDRESSES} and {distributed.NUM_PROCESSES}={job.num_processes} describe a multi-process "
+            f"job, which this package trains on the JAX backend only; this process runs the {backend} backend. "
+            "Set KERAS_BACKEND=jax on every process (README, 'Training on many machines')."
+        )
     if backend == "tensorflow":
         import tensorflow as tf
 
+        distributed.refuse_tf_config()
         visible = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         names = [d.name for d in visible][: devices or len(visible)]
         if len(names) <= 1:
@@ -135,6 +155,13 @@ def distribution_scope(devices: int | None = None):
         with strategy.scope():
             yield strategy
     elif backend == "jax":
+        if job is not None and job.num_processes > 1:
+            if devices is not None:
+                raise ValueError(
+                    "In a multi-process job every device of every process trains; `devices` must be None. "
+                    f"Received: devices={devices}"
+                )
+            distributed.initialize(job)
         available = keras.distribution.list_devices()
         chosen = available[: devices or len(available)]
         if len(chosen) <= 1:
@@ -148,12 +175,61 @@ def distribution_scope(devices: int | None = None):
         finally:
             keras.distribution.set_distribution(previous)
     else:
+        if os.environ.get("TF_CONFIG", "").strip():
+            raise ValueError(
+                "TF_CONFIG describes a multi-worker job, but the torch backend trains on one device. Train on many "
+                "machines with KERAS_BACKEND=jax (README, 'Training on many machines'), or unset TF_CONFIG."
+            )
         if devices not in (None, 1):
             raise ValueError(
                 "Multi-device training is supported on the TensorFlow (MirroredStrategy) and JAX "
                 f"(DataParallel) backends; the {backend} backend trains on one device. Received: devices={devices}"
             )
         yield None
+
+
+def _data_parallel_devices() -> int:
+    """Devices the current JAX distribution splits each batch over (1 without one)."""
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    if distribution is None:
+        return 1
+    return int(distribution.device_mesh.devices.size)
+
+
+def even_validation_batches(dataset, batch_size: int, size: int | None = None):
+    """Re-batches a validation set into full batches that give the same loss and accuracy as the original.
+
+    A multi-process job splits every batch evenly between processes, so the
+    last, short batch of a validation set cannot be evaluated as it is. This
+    pads it with zero-weight samples and weights the real samples by
+    `padded / size`, so that Keras' mean loss (sum over each batch / batch
+    size, averaged over batches by size) and its weighted accuracy both equal
+    the unpadded means. Returns `(images, targets, weights)` batches.
+
+    Args:
+        dataset: batched `(images, targets)` with fully known per-sample shapes.
+        batch_size: the global batch size of the result.
+        size: number of samples (counted with one pass over `dataset` if None).
+    """
+    import tensorflow as tf
+
+    samples = dataset.unbatch()
+    if size is None:
+        size = int(samples.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+    if size <= 0:
+        raise ValueError(f"The validation set is empty. Received: size={size}")
+    batches = -(-size // batch_size)
+    padding = batches * batch_size - size
+    scale = batches * batch_size / size
+    specs = samples.element_spec
+    if not all(spec.shape.is_fully_defined() for spec in tf.nest.flatten(specs)):
+        raise ValueError(
+            f"Validation samples must have fully known shapes to be split between processes. Received: {specs}"
+        )
+    weighted = samples.map(lambda *sample: (*sample, tf.constant(scale, tf.float32)))
+    zeros = tuple(tf.zeros(spec.shape, spec.dtype) for spec in specs)
+    filler = tf.data.Dataset.from_tensors((*zeros, tf.constant(0.0, tf.float32))).repeat(padding)
+    return weighted.concatenate(filler).batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def _has_tensorboard() -> bool:
@@ -173,31 +249,50 @@ def fit(
     epochs: int | None = None,
     verbose="auto",
     callbacks=(),
+    optimizer=None,
+    validation_size: int | None = None,
 ):
     """Compiles `model` for the recipe and trains it with checkpoints that survive a kill.
 
-    Writes into `output_dir`: `backup/` (BackupAndRestore: a re-run resumes
-    from the last finished epoch), `last.keras` (saved every epoch),
-    `log.csv` and, when the `tensorboard` package is installed, `tensorboard/`.
+    Writes into `output_dir` (see `checkpointing.TrainingState`): `backup/`
+    (a re-run resumes after the last finished epoch, and a finished run
+    trains nothing), `last.keras`, `log.csv` and, when the `tensorboard`
+    package is installed, `tensorboard/`. In a multi-process job (see
+    `distribution_scope`) process 0 alone writes them and every process
+    resumes from the same backup, so `output_dir` must be shared by all hosts.
     The model must output logits (`classifier_activation=None`); labels are
     one-hot / soft. `callbacks` run after these.
+
+    Args:
+        global_batch: the batch size of `train_data`, split over all devices;
+            it scales the recipe's learning rate.
+        optimizer: replaces the recipe's AdamW (e.g. plain SGD for exact
+            comparisons between device layouts).
+        validation_size: number of validation samples; only needed when the
+            batch is split over several devices (otherwise counted once).
 
     Returns:
         The `keras.callbacks.History`.
     """
-    os.makedirs(output_dir, exist_ok=True)
-    epochs = epochs or recipe.epochs
+    epochs = recipe.epochs if epochs is None else epochs
+    devices = _data_parallel_devices()
+    if global_batch % devices:
+        raise ValueError(
+            f"The global batch size must be divisible by the {devices} devices it is split over. "
+            f"Received: global_batch={global_batch}"
+        )
+    if validation_data is not None and devices > 1:
+        validation_data = even_validation_batches(validation_data, global_batch, validation_size)
+    if distributed.is_chief():
+        os.makedirs(output_dir, exist_ok=True)
     model.compile(
-        optimizer=make_optimizer(recipe, global_batch, steps_per_epoch, epochs),
+        optimizer=optimizer or make_optimizer(recipe, global_batch, steps_per_epoch, epochs),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        # Weighted, so that the sample weights of `even_validation_batches` count.
+        weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    standard = [
-        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(output_dir, "last.keras")),
-        keras.callbacks.CSVLogger(os.path.join(output_dir, "log.csv"), append=True),
-    ]
-    if _has_tensorboard():
+    standard = [TrainingState(output_dir)]
+    if _has_tensorboard() and distributed.is_chief():
         standard.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")))
     return model.fit(
         train_data,
@@ -205,7 +300,7 @@ def fit(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=standard + list(callbacks),
-        verbose=verbose,
+        verbose=verbose if distributed.is_chief() else 0,
         shuffle=False,  # the tf.data pipeline shuffles
     )
 
@@ -263,11 +358,13 @@ def run(
     if mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision)
     size = rec.image_size or 224
-    train_ds = data.make_dataset(train_source.repeat(), num_classes, batch_size, True, size, rec.augment, seed=seed)
-    eval_ds = data.make_dataset(eval_source, num_classes, batch_size, False, size)
-
     config = variant_config(variant)
+    eval_size = int(eval_source.cardinality())
+    # The scope comes first: joining a multi-process JAX job must precede the first JAX computation, and
+    # the pipelines' Keras augmentation layers already create variables.
     with distribution_scope(devices):
+        train_ds = data.make_dataset(train_source.repeat(), num_classes, batch_size, True, size, rec.augment, seed=seed)
+        eval_ds = data.make_dataset(eval_source, num_classes, batch_size, False, size)
         if weights is not None and num_classes != 1000:
             backbone = Sequencer2D(
                 **config, weights=weights, include_top=False, pooling="avg", input_shape=(size, size, 3),
@@ -280,5 +377,8 @@ def run(
                 **config, weights=weights, classes=num_classes, classifier_activation=None,
                 input_shape=(size, size, 3), drop_path_rate=rec.drop_path_rate, variant=variant,
             )  # fmt: skip
-        history = fit(model, train_ds, eval_ds, rec, batch_size, steps_per_epoch, output_dir, epochs=epochs)
+        history = fit(
+            model, train_ds, eval_ds, rec, batch_size, steps_per_epoch, output_dir, epochs=epochs,
+            validation_size=eval_size if eval_size > 0 else None,
+        )  # fmt: skip
     return model, history

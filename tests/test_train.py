@@ -92,6 +92,27 @@ def test_kill_and_resume_continues_from_the_last_finished_epoch(tmp_path):
     assert "ITERATIONS 16" in second
     rows = open(tmp_path / "log.csv").read().splitlines()
     assert [row.split(",")[0] for row in rows if row[0].isdigit()] == ["0", "1", "2", "3"]
+    finished_log = (tmp_path / "log.csv").read_bytes()
+
+    # A damaged newest backup (a disk fault: writes themselves go to a temporary name first) is reported and
+    # the previous epoch's used; the run then finishes again and trains nothing more.
+    state = json.loads((tmp_path / "backup" / "state.json").read_text())
+    assert state["epoch"] == 4 and sorted(os.listdir(tmp_path / "backup")) == [
+        "epoch-0002.weights.h5", "epoch-0003.weights.h5", "state.json",
+    ]  # fmt: skip
+    newest = tmp_path / "backup" / state["weights"]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    third = run_subprocess(["-c", _RESUMABLE, tmp_path, "-1", json.dumps(TINY)], timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "cannot be loaded" in third.stderr and state["weights"] in third.stderr
+    assert [line for line in third.stdout.splitlines() if line.startswith("EPOCH")] == ["EPOCH 3"]
+
+    fourth = run_subprocess(["-c", _RESUMABLE, tmp_path, "-1", json.dumps(TINY)], timeout=600)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "all 4 epochs are already trained; nothing to do" in fourth.stdout
+    assert not [line for line in fourth.stdout.splitlines() if line.startswith("EPOCH")]
+    assert "ITERATIONS 16" in fourth.stdout
+    assert (tmp_path / "log.csv").read_bytes().splitlines()[:-1] == finished_log.splitlines()[:-1]
 
 
 _DISTRIBUTED = """
