@@ -89,6 +89,18 @@ def _export(args) -> int:
     return 0
 
 
+def _bench_input(args) -> int:
+    from keras_sequencer.bench_input import format_table, measure
+
+    if min(args.threads) < 1 or args.batch_size < 1 or args.batches < 1:
+        raise ValueError(
+            "--threads, --batch-size and --batches must be positive. "
+            f"Received: threads={args.threads}, batch_size={args.batch_size}, batches={args.batches}"
+        )
+    print(format_table(measure(args.recipe, args.batch_size, args.batches, args.threads)))
+    return 0
+
+
 def _bench(args) -> int:
     from keras_sequencer.bench import run
 
@@ -234,6 +246,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-tflite", action="store_true")
     p.add_argument("--output", default="benchmarks/results")
     p.set_defaults(run=_bench)
+
+    p = commands.add_parser("bench-input", help="images/s the CPU prepares with a recipe's training transforms")
+    p.add_argument("--recipe", default="imagenet", help="imagenet | finetune392 | cifar_transfer | fashion_mnist")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=10, help="timed batches (after one warm-up batch)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count()])
+    p.set_defaults(run=_bench_input)
 
     for command, helptext in (("eval-resolution", "accuracy of one checkpoint at several test resolutions (PNG)"),
                               ("erf", "effective receptive field of a stage, averaged over images (PNG)")):  # fmt: skip

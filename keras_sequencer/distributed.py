@@ -257,3 +257,25 @@ def check_agreement(name: str, value: int, hint: str = "Start every process with
     values = np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1).tolist()
     if len(set(values)) > 1:
         raise ValueError(f"The processes of this job disagree on {name}: {values} (by process index). {hint}")
+
+
+def local_share(source, global_batch: int):
+    """This process's shard of an unbatched `tf.data` source, and its share of the global batch.
+
+    Sharding the source before decoding and augmenting, rather than slicing
+    finished global batches, keeps each process's input work at its own
+    share. Use it with `distribution_scope(auto_shard_dataset=False)`, which
+    takes each process's batches as its part of the global batch.
+
+    Returns:
+        `(shard, local_batch)`; in a single process, `(source, global_batch)`.
+    """
+    count, index = process_count(), process_index()
+    if global_batch % count:
+        raise ValueError(
+            f"The global batch size must be divisible by the {count} processes of the job. "
+            f"Received: global_batch={global_batch}"
+        )
+    if count == 1:
+        return source, global_batch
+    return source.shard(count, index), global_batch // count

@@ -114,7 +114,7 @@ def make_optimizer(recipe: Recipe, global_batch: int, steps_per_epoch: int, epoc
 
 
 @contextlib.contextmanager
-def distribution_scope(devices: int | None = None):
+def distribution_scope(devices: int | None = None, auto_shard_dataset: bool = True):
     """Data parallelism over this machine's devices or, on JAX, over every device of a multi-process job.
 
     - JAX: `keras.distribution.DataParallel`, set globally for the duration.
@@ -122,10 +122,13 @@ def distribution_scope(devices: int | None = None):
       `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID`
       describe a job of several processes, the process first joins it
       (`distributed.initialize`: gloo collectives between CPUs) and the
-      distribution spans the devices of all processes; Keras then feeds each
-      process its own slice of every global batch. Enter the scope before
-      building models or datasets: joining must precede the first JAX
-      computation.
+      distribution spans the devices of all processes. With
+      `auto_shard_dataset=True` every process builds the same global-batch
+      pipeline and Keras feeds each its own slice of every batch; with False
+      each process's pipeline yields only its share (`distributed.local_share`),
+      which saves the decoding and augmentation of the other shares. Enter the
+      scope before building models or datasets: joining must precede the first
+      JAX computation.
     - TensorFlow: `tf.distribute.MirroredStrategy` over local devices (build
       and compile inside the scope). `TF_CONFIG` multi-worker jobs are refused
       (`distributed.refuse_tf_config`).
@@ -168,7 +171,7 @@ def distribution_scope(devices: int | None = None):
             yield None
             return
         previous = keras.distribution.distribution()
-        distribution = keras.distribution.DataParallel(devices=chosen)
+        distribution = keras.distribution.DataParallel(devices=chosen, auto_shard_dataset=auto_shard_dataset)
         keras.distribution.set_distribution(distribution)
         try:
             yield distribution
@@ -264,7 +267,11 @@ def fit(
     one-hot / soft. `callbacks` run after these.
 
     Args:
-        global_batch: the batch size of `train_data`, split over all devices;
+        train_data: batches of the global batch size or, in a job whose
+            scope was entered with `auto_shard_dataset=False`, this process's
+            share of each (`distributed.local_share`).
+        validation_data: global batches, evaluated over every device.
+        global_batch: the batch size summed over all devices and processes;
             it scales the recipe's learning rate.
         optimizer: replaces the recipe's AdamW (e.g. plain SGD for exact
             comparisons between device layouts).
@@ -283,6 +290,10 @@ def fit(
         )
     if validation_data is not None and devices > 1:
         validation_data = even_validation_batches(validation_data, global_batch, validation_size)
+        distribution = keras.distribution.distribution()
+        if distributed.process_count() > 1 and not distribution.auto_shard_dataset:
+            count = distributed.process_count()  # this process's slice of every global batch
+            validation_data = validation_data.rebatch(global_batch // count).shard(count, distributed.process_index())
     if distributed.is_chief():
         os.makedirs(output_dir, exist_ok=True)
     model.compile(
@@ -362,8 +373,11 @@ def run(
     eval_size = int(eval_source.cardinality())
     # The scope comes first: joining a multi-process JAX job must precede the first JAX computation, and
     # the pipelines' Keras augmentation layers already create variables.
-    with distribution_scope(devices):
-        train_ds = data.make_dataset(train_source.repeat(), num_classes, batch_size, True, size, rec.augment, seed=seed)
+    with distribution_scope(devices, auto_shard_dataset=False):
+        # Each process decodes and augments only its share of the data (a different seed per process).
+        shard, local_batch = distributed.local_share(train_source, batch_size)
+        seed_here = seed + distributed.process_index()
+        train_ds = data.make_dataset(shard.repeat(), num_classes, local_batch, True, size, rec.augment, seed=seed_here)
         eval_ds = data.make_dataset(eval_source, num_classes, batch_size, False, size)
         if weights is not None and num_classes != 1000:
             backbone = Sequencer2D(

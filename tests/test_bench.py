@@ -51,3 +51,23 @@ def test_bench_writes_table_json_and_png(tmp_path):
             assert f"| {row['vs_timm']:.2f}x | {row['of_fp32_ceiling']:.0%} |" in result.stdout
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert (tmp_path / "bench.md").read_text().strip() in result.stdout
+
+
+@pytest.mark.backend_agnostic
+def test_bench_input_times_the_recipe_pipeline_per_thread_count():
+    result = run_cli(
+        "bench-input", "--recipe", "imagenet", "--batch-size", "4", "--batches", "1", "--threads", "1", "2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| imagenet")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("224", "1"), ("224", "2")], result.stdout
+    for row in rows:
+        rate, per_thread = float(row[3]), float(row[4])
+        assert rate > 0 and abs(per_thread - rate / int(row[2])) < 0.1
+
+
+@pytest.mark.backend_agnostic
+def test_bench_input_refuses_non_positive_counts():
+    result = run_cli("bench-input", "--threads", "0")
+    assert result.returncode == 2 and "--threads, --batch-size and --batches must be positive" in result.stderr
+    assert "Traceback" not in result.stderr

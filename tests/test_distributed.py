@@ -52,10 +52,16 @@ class Probe(keras.callbacks.Callback):
             time.sleep(600)
 
 
-with train.distribution_scope() as scope:
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
+# "keras": every process builds the global batches and Keras slices them; "source": each process shards the
+# samples first and batches its share (what train.run does).
+sharding = os.environ.get("TEST_SHARDING", "keras")
+with train.distribution_scope(auto_shard_dataset=sharding == "keras") as scope:
+    source, local_batch = tf.data.Dataset.from_tensor_slices((x, y)), batch
+    if sharding == "source":
+        source, local_batch = distributed.local_share(source, batch)
+    ds = source.batch(local_batch, drop_remainder=True).repeat()
     val = tf.data.Dataset.from_tensor_slices((vx, vy)).batch(batch)
-    if scope is not None:  # the samples this process reads of each global batch
+    if scope is not None and sharding == "keras":  # the samples this process reads of each global batch
         index = tf.data.Dataset.range(64).batch(batch, drop_remainder=True)
         print("SHARD", json.dumps([int(i) for b in scope.distribute_dataset(index) for i in b.numpy()]))
     model = ks.Sequencer2D(**json.loads(sys.argv[4]), classes=4, classifier_activation=None, input_shape=(16, 16, 3))
@@ -132,12 +138,14 @@ class _Job:
                 proc.wait()
 
 
-def _train_job(tmp_path, name, out, epochs, hang_process=None, hang_epoch=-1):
+def _train_job(tmp_path, name, out, epochs, sharding="keras", hang_process=None, hang_epoch=-1):
     """Starts the worker in two processes; process `hang_process` stops (sleeps) in epoch `hang_epoch`."""
     port = _free_port()
     job = _Job(tmp_path, name)
     for i in range(2):
-        env = {"TEST_HANG_AT_EPOCH": str(hang_epoch)} if i == hang_process else None
+        env = {"TEST_SHARDING": sharding}
+        if i == hang_process:
+            env["TEST_HANG_AT_EPOCH"] = str(hang_epoch)
         job.start(["-c", _WORKER, out, epochs, 16, json.dumps(TINY)], i, 2, port, env=env)
     return job
 
@@ -194,9 +202,10 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_pat
 
 def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path):
     (tmp_path / "single").mkdir()
-    _, single_weights = _single_process(tmp_path / "single", 3)
+    single_history, single_weights = _single_process(tmp_path / "single", 3)
     out = tmp_path / "job"
-    job = _train_job(tmp_path, "killed", out, 3, hang_process=1, hang_epoch=2)
+    # Each process shards the samples itself here (train.run's way); global batches are the same.
+    job = _train_job(tmp_path, "killed", out, 3, sharding="source", hang_process=1, hang_epoch=2)
     try:
         job.wait_for(1, "HANGING", timeout=300)
         job.kill(1)  # SIGKILL in the middle of epoch 2; the scheduler then stops the survivor too
@@ -206,7 +215,7 @@ def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path):
         job.kill()
     assert _epochs_logged(out) == [0, 1]
 
-    rerun = _train_job(tmp_path, "rerun", out, 3)
+    rerun = _train_job(tmp_path, "rerun", out, 3, sharding="source")
     try:
         assert rerun.wait(300) == [0, 0], rerun.output(0)[-3000:] + rerun.output(1)[-3000:]
     finally:
@@ -214,6 +223,10 @@ def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path):
     for i in range(2):
         assert [line for line in rerun.output(i).splitlines() if line.startswith("EPOCH")] == ["EPOCH 2"]
     _assert_weights_equal(np.load(out / "weights-0.npz"), single_weights)
+    for i in range(2):  # the validation set, sliced by fit for a pipeline that is this process' share
+        resumed = _history(rerun.output(i))
+        np.testing.assert_allclose(resumed["val_accuracy"], single_history["val_accuracy"][2:], atol=1e-6)
+        np.testing.assert_allclose(resumed["val_loss"], single_history["val_loss"][2:], rtol=1e-5)
     assert _epochs_logged(out) == [0, 1, 2]
     for name in os.listdir(out / "backup"):  # every file left is whole
         if name.endswith(".h5"):
