@@ -72,6 +72,7 @@ class TrainingState(keras.callbacks.Callback):
         self.model_path = os.path.join(output_dir, "last.keras")
         self.save_model = save_model
         self.initial_epoch = 0
+        self._complete = None
 
     # === Reading ===
 
@@ -86,31 +87,34 @@ class TrainingState(keras.callbacks.Callback):
         except (OSError, ValueError):
             return None
 
-    def _restore(self) -> int:
-        """Loads the newest loadable backup into the model; returns the number of finished epochs."""
+    def _choose(self) -> tuple[int, str | None]:
+        """The newest backup that reads back whole: `(finished epochs, file name)`, `(0, None)` without one.
+
+        Decided from the files alone, before any variable is touched, so that
+        the processes of a job can agree on it before loading (loading is a
+        step they take together).
+        """
         state = self._read_state()
         if state is None:
-            return 0
+            return 0, None
         candidates = [(state["epoch"], state.get("weights"))]
         if state.get("previous"):
             candidates.append((state["epoch"] - 1, state["previous"]))
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)  # its variables are in the backup
         for finished, name in candidates:
             path = os.path.join(self.backup_dir, name or "")
             try:
-                self.model.load_weights(path)
-                return finished
+                _read_whole(path)
+                return finished, name
             except Exception as error:  # noqa: BLE001 (any failure to read the file means: not usable)
                 warnings.warn(
-                    f"The training backup {path} cannot be loaded ({type(error).__name__}: {error}); "
+                    f"The training backup {path} cannot be read ({type(error).__name__}: {error}); "
                     "trying an older one.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         warnings.warn(
-            f"No training backup in {self.backup_dir} can be loaded; training starts from epoch 0.", stacklevel=2
+            f"No training backup in {self.backup_dir} can be read; training starts from epoch 0.", stacklevel=3
         )
-        return 0
+        return 0, None
 
     def _log_rows(self) -> list[dict]:
         if not os.path.exists(self.log_path):
@@ -121,12 +125,14 @@ class TrainingState(keras.callbacks.Callback):
     # === Callback ===
 
     def on_train_begin(self, logs=None):
-        finished = self._restore()
-        distributed.check_agreement(
-            f"the number of finished epochs in {self.backup_dir}",
-            finished,
-            hint="They must all read the same output directory: put it on a filesystem every host shares.",
-        )
+        finished, name = self._choose()
+        shared = "They must all read the same output directory: put it on a filesystem every host shares."
+        distributed.check_agreement(f"the number of finished epochs in {self.backup_dir}", finished, hint=shared)
+        if name is not None:
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)  # its variables are in the backup
+            self.model.load_weights(os.path.join(self.backup_dir, name))
+        self._complete = name  # the newest complete backup, kept until the next one is complete
         self.initial_epoch = finished
         self.model._initial_epoch = finished  # what BackupAndRestore sets: fit starts at this epoch
         epochs = self.params.get("epochs") if self.params else None
@@ -146,27 +152,32 @@ class TrainingState(keras.callbacks.Callback):
                 "of epochs to continue, or use another output directory to start over)."
             )
 
+    def on_train_end(self, logs=None):
+        self.model._initial_epoch = None  # a later plain `fit` of this model starts where it is asked to
+
     def on_epoch_end(self, epoch, logs=None):
         name = f"epoch-{epoch:04d}.weights.h5"
         if not distributed.is_chief():
             # Saving reads every variable, which in a multi-process job is a step all processes take
-            # together; the other processes write to a scratch file and drop it.
+            # together (a `device_put` checked across processes); the others write to a scratch file.
             with tempfile.TemporaryDirectory() as scratch:
                 self.model.save_weights(os.path.join(scratch, name))
             if self.save_model:
                 save_model(self.model, self.model_path)
             return
+        # Order matters for a kill at any point: the log row and the files come first, and state.json,
+        # written last, is what makes this epoch count as finished.
         self._write_log([*(r for r in self._log_rows() if int(r["epoch"]) < epoch), {"epoch": epoch, **(logs or {})}])
         _replace_atomically(os.path.join(self.backup_dir, name), self.model.save_weights)
-        previous = self._read_state()
-        previous_name = previous.get("weights") if previous else None
-        state = {"epoch": epoch + 1, "weights": name, "previous": previous_name if previous_name != name else None}
-        _write_text(os.path.join(self.backup_dir, STATE), json.dumps(state))
-        for old in glob.glob(os.path.join(self.backup_dir, "epoch-*.weights.h5")):
-            if os.path.basename(old) not in (state["weights"], state["previous"]):
-                os.remove(old)
         if self.save_model:
             save_model(self.model, self.model_path)
+        previous = self._complete if self._complete != name else None
+        state = {"epoch": epoch + 1, "weights": name, "previous": previous}
+        _write_text(os.path.join(self.backup_dir, STATE), json.dumps(state))
+        self._complete = name
+        for old in glob.glob(os.path.join(self.backup_dir, "epoch-*.weights.h5")):
+            if os.path.basename(old) not in (name, previous):
+                os.remove(old)
 
     def _write_log(self, rows: list[dict]) -> None:
         keys = ["epoch"] + sorted({key for row in rows for key in row} - {"epoch"})
@@ -179,6 +190,14 @@ class TrainingState(keras.callbacks.Callback):
                     writer.writerow({key: _plain(row.get(key, "")) for key in keys})
 
         _replace_atomically(self.log_path, write)
+
+
+def _read_whole(path: str) -> None:
+    """Reads every dataset of a `.weights.h5` file; raises if any part of it is missing or damaged."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda _, item: item[()] if isinstance(item, h5py.Dataset) else None)
 
 
 def save_model(model: keras.Model, path: str) -> None:

@@ -100,28 +100,46 @@ def join_timeout() -> int:
     return _positive_int(TIMEOUT_ENV, text, 1) if text.strip() else DEFAULT_TIMEOUT
 
 
+def tf_config_tasks(environ=None) -> int:
+    """Number of tasks in the cluster that $TF_CONFIG describes (0 when unset)."""
+    import json
+
+    text = (os.environ if environ is None else environ).get("TF_CONFIG", "").strip()
+    if not text:
+        return 0
+    try:
+        cluster = json.loads(text).get("cluster", {})
+        return sum(len(tasks) for tasks in cluster.values())
+    except (ValueError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"TF_CONFIG is not a JSON cluster description ({error}). Received: TF_CONFIG={text!r}"
+        ) from error
+
+
 def refuse_tf_config() -> None:
-    """Raises a ValueError when TF_CONFIG asks for a TensorFlow multi-worker job, which this package does not run.
+    """Raises a ValueError when TF_CONFIG describes a cluster of several tasks, which this package does not run.
 
     Keras 3's TensorFlow trainer does not train under
     `tf.distribute.MultiWorkerMirroredStrategy` (its first step fails inside
-    the strategy's collective setup; see docs/design.md), so a TF_CONFIG
-    cluster is refused instead of being ignored, which would train N
-    independent copies.
+    the strategy's distributed iterator; see docs/design.md), and no other
+    backend reads TF_CONFIG, so such a cluster is refused instead of being
+    ignored, which would train independent copies writing the same files.
+    A single-task TF_CONFIG (some managed services set one) is accepted.
     """
-    if os.environ.get("TF_CONFIG", "").strip():
+    tasks = tf_config_tasks()
+    if tasks > 1:
         raise ValueError(
-            "TF_CONFIG is set, but multi-worker training (tf.distribute.MultiWorkerMirroredStrategy) does not "
-            "work with Keras 3's TensorFlow trainer. Train on many machines with the JAX backend: "
-            f"KERAS_BACKEND=jax and {', '.join(ENVIRONMENT)} on every host (README, 'Training on many "
-            "machines'); or unset TF_CONFIG to train on this machine's devices."
+            f"TF_CONFIG describes a cluster of {tasks} tasks, but multi-worker training "
+            "(tf.distribute.MultiWorkerMirroredStrategy) does not work with Keras 3's TensorFlow trainer. Train on "
+            f"many machines with the JAX backend: KERAS_BACKEND=jax and {', '.join(ENVIRONMENT)} on every host "
+            "(README, 'Training on many machines'); or unset TF_CONFIG to train on this machine's devices."
         )
 
 
 def _jax_initialized() -> bool:
-    from jax._src import distributed
+    import jax
 
-    return distributed.global_state.client is not None
+    return jax.distributed.is_initialized()
 
 
 JOIN_FAILED = 3  # exit status of a process that could not join its job
@@ -151,7 +169,9 @@ def initialize(job: Job, timeout: int | None = None) -> None:
     # gloo carries cross-process collectives between CPU devices; GPU and TPU devices use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     waited_for = (
-        f"the other {job.num_processes - 1} process(es) to register" if job.process_id == 0 else "the coordinator"
+        f"the other {job.num_processes - 1} process(es) to register"
+        if job.process_id == 0
+        else "the coordinator and the other processes"
     )
     message = (
         f"Could not join the job at {job.coordinator} as process {job.process_id} of {job.num_processes}: "
@@ -202,18 +222,20 @@ def _agree_on_seed() -> None:
     from keras.src.utils import rng_utils
     import numpy as np
 
-    if rng_utils.get_random_seed() is not None:
-        seed = rng_utils.get_random_seed()
-        seeds = np.asarray(multihost_utils.process_allgather(np.int64(seed)))
-        if np.any(seeds != seed):
-            raise RuntimeError(
-                "The processes of this job set different random seeds "
-                f"({sorted(set(seeds.tolist()))}); their initial weights would differ. Give every process the "
-                "same keras.utils.set_random_seed(...) value."
-            )
-        return
-    local = np.int64(np.random.SeedSequence().generate_state(1)[0] % (2**31))
-    keras.utils.set_random_seed(int(multihost_utils.broadcast_one_to_all(local)))
+    seed = rng_utils.get_random_seed()
+    candidate = seed if seed is not None else int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    # One all-gather of (seed set?, seed) so that every process decides the same way.
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray([seed is not None, candidate], np.int64)))
+    gathered = gathered.reshape(-1, 2)
+    chosen = {int(value) for is_set, value in gathered if is_set}
+    if len(chosen) > 1 or (chosen and not gathered[:, 0].all()):
+        raise ValueError(
+            "The processes of this job set different random seeds (by process index: "
+            f"{[int(v) if s else None for s, v in gathered]}); their initial weights would differ. Give every "
+            "process the same keras.utils.set_random_seed(...) value, or none."
+        )
+    if not chosen:
+        keras.utils.set_random_seed(int(gathered[0, 1]))
 
 
 def process_count() -> int:

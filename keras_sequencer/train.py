@@ -130,14 +130,15 @@ def distribution_scope(devices: int | None = None, auto_shard_dataset: bool = Tr
       scope before building models or datasets: joining must precede the first
       JAX computation.
     - TensorFlow: `tf.distribute.MirroredStrategy` over local devices (build
-      and compile inside the scope). `TF_CONFIG` multi-worker jobs are refused
-      (`distributed.refuse_tf_config`).
+      and compile inside the scope).
     - PyTorch: one device; Keras 3 has no data parallelism for its torch
       backend (train many devices with the JAX backend, or with torchrun and
       DistributedDataParallel in a training loop of your own).
-    With one device this is a no-op on every backend.
+    A `TF_CONFIG` cluster of several tasks is refused on every backend
+    (`distributed.refuse_tf_config`). With one device this is a no-op.
     """
     backend = keras.backend.backend()
+    distributed.refuse_tf_config()  # on every backend: ignoring it would train independent copies
     job = distributed.job_from_environment()
     if job is not None and job.num_processes > 1 and backend != "jax":
         raise ValueError(
@@ -148,7 +149,6 @@ def distribution_scope(devices: int | None = None, auto_shard_dataset: bool = Tr
     if backend == "tensorflow":
         import tensorflow as tf
 
-        distributed.refuse_tf_config()
         visible = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         names = [d.name for d in visible][: devices or len(visible)]
         if len(names) <= 1:
@@ -178,11 +178,6 @@ def distribution_scope(devices: int | None = None, auto_shard_dataset: bool = Tr
         finally:
             keras.distribution.set_distribution(previous)
     else:
-        if os.environ.get("TF_CONFIG", "").strip():
-            raise ValueError(
-                "TF_CONFIG describes a multi-worker job, but the torch backend trains on one device. Train on many "
-                "machines with KERAS_BACKEND=jax (README, 'Training on many machines'), or unset TF_CONFIG."
-            )
         if devices not in (None, 1):
             raise ValueError(
                 "Multi-device training is supported on the TensorFlow (MirroredStrategy) and JAX "
@@ -217,8 +212,11 @@ def even_validation_batches(dataset, batch_size: int, size: int | None = None):
     import tensorflow as tf
 
     samples = dataset.unbatch()
+    known = int(samples.cardinality())
     if size is None:
-        size = int(samples.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+        size = known if known >= 0 else int(samples.reduce(tf.constant(0, tf.int64), lambda count, *_: count + 1))
+    elif known >= 0 and known != size:
+        raise ValueError(f"The validation set holds {known} samples, not {size}. Received: validation_size={size}")
     if size <= 0:
         raise ValueError(f"The validation set is empty. Received: size={size}")
     batches = -(-size // batch_size)

@@ -138,11 +138,12 @@ class _Job:
                 proc.wait()
 
 
-def _train_job(tmp_path, name, out, epochs, sharding="keras", hang_process=None, hang_epoch=-1):
+def _train_job(tmp_path, name, out, epochs, sharding="keras", hang_process=None, hang_epoch=-1, outs=None):
     """Starts the worker in two processes; process `hang_process` stops (sleeps) in epoch `hang_epoch`."""
     port = _free_port()
     job = _Job(tmp_path, name)
     for i in range(2):
+        out = outs[i] if outs else out
         env = {"TEST_SHARDING": sharding}
         if i == hang_process:
             env["TEST_HANG_AT_EPOCH"] = str(hang_epoch)
@@ -234,6 +235,17 @@ def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path):
             model.load_weights(out / "backup" / name, skip_mismatch=False)
     assert json.loads((out / "backup" / "state.json").read_text())["epoch"] == 3
 
+    # A host that does not see the shared output directory: every process stops with the reason.
+    (tmp_path / "elsewhere").mkdir()
+    split = _train_job(tmp_path, "split", out, 3, sharding="source", outs=[out, tmp_path / "elsewhere"])
+    try:
+        assert split.wait(300) == [1, 1]
+    finally:
+        split.kill()
+    for i in range(2):
+        assert "disagree on the number of finished epochs" in split.output(i), split.output(i)[-2000:]
+        assert "[3, 0] (by process index)" in split.output(i) and "filesystem every host shares" in split.output(i)
+
 
 # === Bad setups ===
 
@@ -271,7 +283,7 @@ def test_an_unreachable_coordinator_or_a_missing_peer_fails_fast_naming_the_addr
         job.kill()
     assert time.monotonic() - start < 60
     assert codes == [distributed.JOIN_FAILED] * 2, [job.output(i)[-2000:] for i in range(2)]
-    assert "gave up waiting for the coordinator after 10 s" in job.output(0)
+    assert "gave up waiting for the coordinator and the other processes after 10 s" in job.output(0)
     assert f"Could not join the job at 127.0.0.1:{port} as process 0 of 2" in job.output(1)
     assert "gave up waiting for the other 1 process(es) to register" in job.output(1)
 
@@ -308,14 +320,17 @@ def test_a_global_batch_that_does_not_split_over_the_devices_is_refused():
 
 
 _REFUSALS = """
-import os
+import os, sys
 from keras_sequencer import train
+cluster = '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}'
 cases = {
-    "TF_CONFIG": {"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"index": 0}}'},
+    "TF_CONFIG": {"TF_CONFIG": cluster},
+    "SINGLE": {"TF_CONFIG": '{"cluster": {"chief": ["127.0.0.1:1"]}, "task": {"type": "chief", "index": 0}}'},
     "KERAS": {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "127.0.0.1:1", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
               "KERAS_DISTRIBUTION_PROCESS_ID": "0"},
 }
-for name, env in cases.items():
+for name in sys.argv[1:]:
+    env = cases[name]
     os.environ.update(env)
     try:
         with train.distribution_scope():
@@ -327,13 +342,20 @@ for name, env in cases.items():
 """
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
-def test_multi_process_jobs_are_refused_off_jax_naming_the_jax_route(backend):
-    lines = run_python(_REFUSALS, backend=backend).splitlines()
-    tf_config = next(line for line in lines if line.startswith("TF_CONFIG"))
-    keras_job = next(line for line in lines if line.startswith("KERAS"))
-    assert tf_config.startswith("TF_CONFIG REFUSED") and "KERAS_BACKEND=jax" in tf_config, tf_config
-    assert keras_job.startswith("KERAS REFUSED") and "Set KERAS_BACKEND=jax" in keras_job, keras_job
+@pytest.mark.parametrize("backend", ["tensorflow", "torch", "jax"])
+def test_multi_worker_tf_config_and_keras_jobs_off_jax_are_refused_naming_the_jax_route(backend):
+    cases = ["TF_CONFIG", "SINGLE"] + (["KERAS"] if backend != "jax" else [])  # JAX joins Keras' jobs
+    result = subprocess.run(
+        [sys.executable, "-c", _REFUSALS, *cases], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.split()}
+    assert lines["TF_CONFIG"].startswith("TF_CONFIG REFUSED") and "KERAS_BACKEND=jax" in lines["TF_CONFIG"]
+    assert "cluster of 2 tasks" in lines["TF_CONFIG"]
+    assert lines["SINGLE"] == "SINGLE ENTERED"  # a one-task TF_CONFIG, as managed services set, is no cluster
+    if backend != "jax":
+        assert lines["KERAS"].startswith("KERAS REFUSED") and "Set KERAS_BACKEND=jax" in lines["KERAS"]
 
 
 # Keras 3's TensorFlow trainer under MultiWorkerMirroredStrategy: the reason TF_CONFIG is refused. When this

@@ -106,6 +106,9 @@ def test_kill_and_resume_continues_from_the_last_finished_epoch(tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "cannot be loaded" in third.stderr and state["weights"] in third.stderr
     assert [line for line in third.stdout.splitlines() if line.startswith("EPOCH")] == ["EPOCH 3"]
+    # The fallback stays the previous backup until the retrained epoch's file is complete.
+    assert json.loads((tmp_path / "backup" / "state.json").read_text())["previous"] == "epoch-0002.weights.h5"
+    assert sorted(os.listdir(tmp_path / "backup"))[:2] == ["epoch-0002.weights.h5", "epoch-0003.weights.h5"]
 
     fourth = run_subprocess(["-c", _RESUMABLE, tmp_path, "-1", json.dumps(TINY)], timeout=600)
     assert fourth.returncode == 0, fourth.stderr[-3000:]
