@@ -55,15 +55,15 @@ def test_bench_writes_table_json_and_png(tmp_path):
 
 @pytest.mark.backend_agnostic
 def test_bench_input_times_the_recipe_pipeline_per_thread_count():
-    result = run_cli(
-        "bench-input", "--recipe", "imagenet", "--batch-size", "4", "--batches", "1", "--threads", "1", "2"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| imagenet")]
-    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("224", "1"), ("224", "2")], result.stdout
+    from keras_sequencer import bench_input
+
+    rows = bench_input.measure("imagenet", batch_size=2, batches=1, threads=(1, 2))
+    assert [(r["size"], r["threads"]) for r in rows] == [(224, 1), (224, 2)]
     for row in rows:
-        rate, per_thread = float(row[3]), float(row[4])
-        assert rate > 0 and abs(per_thread - rate / int(row[2])) < 0.1
+        assert row["images_per_s"] > 0
+        assert row["images_per_s_per_thread"] == pytest.approx(row["images_per_s"] / row["threads"])
+    table = bench_input.format_table(rows).splitlines()
+    assert len(table) == 4 and table[2].startswith("| imagenet | 224 | 1 | ")
 
 
 @pytest.mark.backend_agnostic
