@@ -59,12 +59,26 @@ class Sequencer2DModel(keras.Model):
         finally:
             self.jit_compile = saved
 
-    def call(self, inputs, training=None, mask=None):
-        shape = tuple(getattr(inputs, "shape", ()))
+    def check_images(self, shape, batch: bool = False) -> None:
+        """Raises a ValueError that says what to pass unless `shape` is a batch of images this model takes.
+
+        Args:
+            shape: the input's shape (None for unknown sizes).
+            batch: the shape is a whole input to `predict` / `evaluate`, so an
+                empty batch is an error too.
+        """
+        shape = tuple(shape)
         if len(shape) != 4:
             raise ValueError(
                 f"Model '{self.name}' takes a batch of images shaped (batch, height, width, "
                 "channels); for a single image add a batch axis (`image[None]`). "
+                f"Received: inputs.shape={shape}"
+            )
+        channels = self.inputs[0].shape[-1] if self.inputs else None
+        if channels is not None and shape[-1] is not None and shape[-1] != channels:
+            raise ValueError(
+                f"Model '{self.name}' takes channels-last images with {channels} channels (RGB); convert "
+                "grayscale / RGBA images to RGB and move channels last. "
                 f"Received: inputs.shape={shape}"
             )
         if any(side is not None and side < self.min_image_size for side in shape[1:3]):
@@ -73,4 +87,34 @@ class Sequencer2DModel(keras.Model):
                 f"{self.min_image_size} pixels (the product of its patch sizes); resize or pad "
                 f"smaller images. Received: inputs.shape={shape}"
             )
+        if batch and shape[0] == 0:
+            raise ValueError(f"Model '{self.name}' was given an empty batch (0 images). Received: inputs.shape={shape}")
+
+    def _check_input(self, x) -> None:
+        # Checked before Keras runs anything: on JAX a check that fails inside `predict` would leave
+        # the model without its variables, and on TensorFlow a traced function would fail in XLA instead.
+        shape = getattr(x, "shape", None)
+        if shape is None and hasattr(x, "element_spec"):  # a tf.data.Dataset of images or (images, ...)
+            spec = x.element_spec
+            spec = spec[0] if isinstance(spec, tuple) else spec
+            if hasattr(spec, "shape") and spec.shape.rank is not None:
+                self.check_images(spec.shape.as_list())
+            return
+        if shape is not None and not isinstance(x, dict):
+            self.check_images([None if s is None else int(s) for s in shape], batch=True)
+
+    def predict(self, x, *args, **kwargs):
+        self._check_input(x)
+        return super().predict(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._check_input(x)
+        return super().predict_on_batch(x)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_input(x)
+        return super().evaluate(x, *args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        self.check_images(getattr(inputs, "shape", ()))
         return super().call(inputs, training=training, mask=mask)

@@ -31,6 +31,28 @@ def test_bad_images_at_call_time(shape, message):
         model.predict(np.zeros(shape, "float32"), verbose=0)
 
 
+def test_a_rejected_predict_leaves_the_model_whole():
+    model = _tiny(input_shape=(None, None, 3))
+    images = np.random.RandomState(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    expected = model.predict(images, verbose=0)
+    weights = [to_numpy(w) for w in model.get_weights()]
+    bad = {
+        "too small": (np.zeros((1, 6, 6, 3), "float32"), "at least 8x8 pixels"),
+        "rank 3": (images[0], "add a batch axis"),
+        "RGBA": (np.zeros((1, 16, 16, 4), "float32"), "with 3 channels"),
+        "channels first": (np.zeros((1, 3, 16, 16), "float32"), "with 3 channels"),
+        "empty batch": (np.zeros((0, 16, 16, 3), "float32"), "empty batch"),
+    }
+    for _, (x, message) in bad.items():  # every call, not only the first, and after a predict at 16x16
+        for call in (lambda x: model.predict(x, verbose=0), model.predict_on_batch):
+            with pytest.raises(ValueError, match=message):
+                call(x)
+    for got, want in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(got), want)
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(images)), expected, rtol=0, atol=1e-5)
+
+
 def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch):
     """`predict` equals a direct call; on CPU-only TensorFlow Keras is asked to XLA-compile its predict step
     (Keras alone would not on a CPU) unless `xla_predict_on_cpu` is turned off."""
