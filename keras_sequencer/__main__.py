@@ -2,10 +2,43 @@
 
 import argparse
 import json
+import math
 import os
 import sys
 
-from keras_sequencer.presets import IMAGENET_EVAL
+from keras_sequencer.presets import IMAGENET_EVAL, variant_config
+
+
+def _int_at_least(minimum: int, why: str = ""):
+    """An argparse type: an integer >= `minimum` (argparse turns the error into one line and exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}{why}, not {text!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text!r}")
+    return value
+
+
+_COUNT = _int_at_least(1)
+# The variants' smallest image: the product of their patch sizes (the same for S, M and L).
+_MIN_SIDE = min(math.prod(variant_config(v)["patch_sizes"]) for v in ("s", "m", "l"))
+_SIDE = _int_at_least(_MIN_SIDE, " (the product of the patch sizes)")
 
 
 def _convert(args) -> int:
@@ -92,11 +125,6 @@ def _export(args) -> int:
 def _bench_input(args) -> int:
     from keras_sequencer.bench_input import format_table, measure
 
-    if min(args.threads) < 1 or args.batch_size < 1 or args.batches < 1:
-        raise ValueError(
-            "--threads, --batch-size and --batches must be positive. "
-            f"Received: threads={args.threads}, batch_size={args.batch_size}, batches={args.batches}"
-        )
     print(format_table(measure(args.recipe, args.batch_size, args.batches, args.threads)))
     return 0
 
@@ -172,10 +200,10 @@ def main(argv=None) -> int:
 
     p = commands.add_parser("demo", help="train a small Sequencer2D on Fashion-MNIST offline, write a report")
     p.add_argument("--output", default="reports/demo")
-    p.add_argument("--epochs", type=int, default=None, help="default: the fashion_mnist recipe's")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=_COUNT, default=None, help="default: the fashion_mnist recipe's")
+    p.add_argument("--batch-size", type=_COUNT, default=256)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's package)")
-    p.add_argument("--limit", type=int, default=None, help="use only this many images (quick check)")
+    p.add_argument("--limit", type=_COUNT, default=None, help="use only this many images (quick check)")
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train", help="train / fine-tune on a tfds dataset or an image folder")
@@ -185,15 +213,15 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="s", choices=["s", "m", "l"])
     p.add_argument("--recipe", default="imagenet", help="imagenet | finetune392 | cifar_transfer | fashion_mnist")
     p.add_argument("--weights", default="none", help="none | imagenet | PATH")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--batch-size", type=_COUNT, default=64)
+    p.add_argument("--epochs", type=_COUNT, default=None)
+    p.add_argument("--steps-per-epoch", type=_COUNT, default=None)
     p.add_argument("--output", default="runs/train")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="validation")
     p.add_argument("--mixed-precision", default=None, choices=["mixed_float16", "mixed_bfloat16"])
-    p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--devices", type=_COUNT, default=None)
     p.set_defaults(run=_train)
 
     p = commands.add_parser("convert", help="convert a timm / authors' checkpoint to a Keras .weights.h5")
@@ -206,18 +234,18 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+")
     p.add_argument("--variant", default="s", choices=["s", "m", "l"])
     p.add_argument("--weights", default="imagenet", help="'imagenet' or a weights / checkpoint path")
-    p.add_argument("--size", type=int, default=IMAGENET_EVAL.input_size,
+    p.add_argument("--size", type=_SIDE, default=IMAGENET_EVAL.input_size,
                    help="centre-crop size (resize to size/crop_pct first)")  # fmt: skip
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=_COUNT, default=5)
     p.set_defaults(run=_predict)
 
     p = commands.add_parser("export", help="export a .keras model to TFLite (builtin ops), ONNX or a SavedModel")
     p.add_argument("model", help="a .keras file (from any backend; conversion runs on TensorFlow)")
     p.add_argument("--format", choices=("tflite", "onnx", "saved_model"), default="tflite")
     p.add_argument("--output", required=True, help=".tflite / .onnx file, or SavedModel folder")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+    p.add_argument("--input-size", type=_COUNT, nargs=2, metavar=("H", "W"), default=None,
                    help="export size; required when the model takes any size")  # fmt: skip
-    p.add_argument("--batch", type=int, default=1, help="TFLite's fixed batch (ONNX/SavedModel: any batch)")
+    p.add_argument("--batch", type=_COUNT, default=1, help="TFLite's fixed batch (ONNX/SavedModel: any batch)")
     p.add_argument("--quantize", choices=("float16", "dynamic", "int8"), default=None, help="TFLite only")
     p.add_argument("--calibration", default=None, help="int8: a .npy of images (n, H, W, 3) or an image folder")
     p.add_argument("--lstm", choices=("auto", "while", "unrolled", "fused"), default="auto",
@@ -233,12 +261,12 @@ def main(argv=None) -> int:
                    help="default: every installed backend")  # fmt: skip
     p.add_argument("--paths", nargs="+", choices=bench.PATHS, default=list(bench.PATHS),
                    help="implementation= values; auto is the default users get")  # fmt: skip
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--memory-size", type=int, default=448)
-    p.add_argument("--gemm-size", type=int, default=2048, help="side of the fp32 matmul that sets the ceiling")
+    p.add_argument("--batch-sizes", type=_COUNT, nargs="+", default=[1, 16])
+    p.add_argument("--size", type=_SIDE, default=224)
+    p.add_argument("--runs", type=_COUNT, default=5)
+    p.add_argument("--warmup", type=_int_at_least(0), default=2)
+    p.add_argument("--memory-size", type=_SIDE, default=448)
+    p.add_argument("--gemm-size", type=_COUNT, default=2048, help="side of the fp32 matmul that sets the ceiling")
     p.add_argument("--dtype-policy", choices=bench.DTYPE_POLICIES, default="float32",
                    help="Keras dtype policy of our model; timm runs under torch.autocast, same dtype")  # fmt: skip
     p.add_argument("--no-train", action="store_true")
@@ -249,9 +277,9 @@ def main(argv=None) -> int:
 
     p = commands.add_parser("bench-input", help="images/s the CPU prepares with a recipe's training transforms")
     p.add_argument("--recipe", default="imagenet", help="imagenet | finetune392 | cifar_transfer | fashion_mnist")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=10, help="timed batches (after one warm-up batch)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count()])
+    p.add_argument("--batch-size", type=_COUNT, default=64)
+    p.add_argument("--batches", type=_COUNT, default=10, help="timed batches (after one warm-up batch)")
+    p.add_argument("--threads", type=_COUNT, nargs="+", default=[1, os.cpu_count()])
     p.set_defaults(run=_bench_input)
 
     for command, helptext in (("eval-resolution", "accuracy of one checkpoint at several test resolutions (PNG)"),
@@ -263,7 +291,7 @@ def main(argv=None) -> int:
         if command == "erf":
             p.add_argument("--stage", type=int, default=-1, help="stage index (-1: the last)")
             p.add_argument("--images", nargs="+", required=True, help="image files or folders")
-            p.add_argument("--size", type=int, default=IMAGENET_EVAL.input_size)
+            p.add_argument("--size", type=_COUNT, default=IMAGENET_EVAL.input_size)
             p.add_argument("--output", default="reports/erf.png")
             p.set_defaults(run=_erf)
         else:
@@ -272,11 +300,11 @@ def main(argv=None) -> int:
                            help="tfds: required (e.g. validation); folder: a sub-folder of PATH (default: PATH "
                                 "itself); fashion_mnist: train or test (default)")  # fmt: skip
             p.add_argument("--data-dir", default=None)
-            p.add_argument("--resolutions", type=int, nargs="+", default=[160, 192, 224, 256, 288, 320, 384, 448])
-            p.add_argument("--crop-pct", type=float, default=IMAGENET_EVAL.crop_pct)
-            p.add_argument("--batch-size", type=int, default=64)
-            p.add_argument("--limit", type=int, default=None, help="only the first N images")
-            p.add_argument("--trained-at", type=int, default=224, help="marked on the plot")
+            p.add_argument("--resolutions", type=_COUNT, nargs="+", default=[160, 192, 224, 256, 288, 320, 384, 448])
+            p.add_argument("--crop-pct", type=_fraction, default=IMAGENET_EVAL.crop_pct)
+            p.add_argument("--batch-size", type=_COUNT, default=64)
+            p.add_argument("--limit", type=_COUNT, default=None, help="only the first N images")
+            p.add_argument("--trained-at", type=_COUNT, default=224, help="marked on the plot")
             p.add_argument("--output", default="reports/resolution")
             p.set_defaults(run=_eval_resolution)
 

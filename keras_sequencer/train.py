@@ -280,6 +280,10 @@ def fit(
         The `keras.callbacks.History`.
     """
     epochs = recipe.epochs if epochs is None else epochs
+    for name, value, minimum in (("global_batch", global_batch, 1), ("steps_per_epoch", steps_per_epoch, 1),
+                                 ("epochs", epochs, 0)):  # fmt: skip
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
     devices = _data_parallel_devices()
     if global_batch % devices:
         raise ValueError(
@@ -355,6 +359,9 @@ def run(
         `(model, history)`.
     """
     rec = get_recipe(recipe)
+    for name, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     train_source, num_classes = data.load_split(dataset, train_split, data_dir)
     eval_source, _ = data.load_split(dataset, eval_split, data_dir)
     if steps_per_epoch is None:

@@ -69,5 +69,5 @@ def test_bench_input_times_the_recipe_pipeline_per_thread_count():
 @pytest.mark.backend_agnostic
 def test_bench_input_refuses_non_positive_counts():
     result = run_cli("bench-input", "--threads", "0")
-    assert result.returncode == 2 and "--threads, --batch-size and --batches must be positive" in result.stderr
+    assert result.returncode == 2 and "argument --threads: must be an integer >= 1, not '0'" in result.stderr
     assert "Traceback" not in result.stderr

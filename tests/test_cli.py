@@ -78,3 +78,30 @@ def test_cli_exports_a_keras_file(tmp_path):
     images = np.random.default_rng(0).uniform(0, 255, (1, 32, 40, 3)).astype("float32")
     got = run_tflite(tflite_interpreter(str(tmp_path / "m.tflite")), images)
     np.testing.assert_allclose(got, to_numpy(model.predict_on_batch(images)), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["train", "--dataset", "fashion_mnist", "--epochs", "0"],
+            "argument --epochs: must be an integer >= 1, not '0'",
+        ),
+        (["train", "--dataset", "fashion_mnist", "--epochs", "-1"], "argument --epochs: must be an integer >= 1"),
+        (["train", "--dataset", "fashion_mnist", "--steps-per-epoch", "0"], "argument --steps-per-epoch: must be"),
+        (["train", "--dataset", "fashion_mnist", "--batch-size", "0"], "argument --batch-size: must be"),
+        (["demo", "--batch-size", "two"], "argument --batch-size: must be an integer >= 1, not 'two'"),
+        (["predict", "cat.jpg", "--size", "10"], "argument --size: must be an integer >= 14 (the product of the"),
+        (["predict", "cat.jpg", "--top", "0"], "argument --top: must be an integer >= 1"),
+        (["bench", "--runs", "0"], "argument --runs: must be an integer >= 1"),
+        (["eval-resolution", "--dataset", "fashion_mnist", "--crop-pct", "1.5"], "argument --crop-pct: must be a"),
+    ],
+)
+def test_numbers_out_of_range_are_one_line_errors(argv, message, capsys):
+    from keras_sequencer.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in error, error

@@ -36,6 +36,23 @@ def test_unknown_recipe():
         train.get_recipe("cifar100")
 
 
+@pytest.mark.backend_agnostic
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"steps_per_epoch": 0}, "`steps_per_epoch` must be a positive integer. Received: steps_per_epoch=0"),
+        ({"epochs": 0}, "`epochs` must be a positive integer. Received: epochs=0"),
+        ({"epochs": -1}, "Received: epochs=-1"),
+        ({"batch_size": 0}, "`batch_size` must be a positive integer. Received: batch_size=0"),
+    ],
+)
+def test_run_refuses_counts_that_would_never_finish_or_train_nothing(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.run("fashion_mnist", recipe="fashion_mnist", **kwargs)
+    with pytest.raises(ValueError, match="`steps_per_epoch` must be an integer >= 1"):
+        train.fit(None, None, None, train.get_recipe("fashion_mnist"), 8, 0, "unused")
+
+
 @needs_fashion_mnist
 def test_fit_on_real_data_lowers_the_loss(tmp_path):
     import tensorflow as tf
