@@ -18,6 +18,7 @@ TensorFlow's tf.data whatever the Keras backend: `model.fit` accepts a
 import dataclasses
 import gzip
 import os
+import warnings
 
 import numpy as np
 
@@ -347,17 +348,42 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
     return ds, info.features["label"].num_classes
 
 
-def folder_source(directory: str):
-    """`(image, label)` pairs from `directory/<class_name>/<image files>`, and the class names."""
+def folder_classes(directory: str) -> list[str]:
+    """The class names of an image folder: its sub-folders, sorted."""
+    return sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+
+
+def folder_source(directory: str, class_names: list[str] | None = None):
+    """`(image, label)` pairs from `directory/<class_name>/<image files>`, and the class names.
+
+    Args:
+        directory: one sub-folder of images per class.
+        class_names: the classes that define the labels (those of the
+            training split, so that every split labels a class alike); default:
+            this folder's own. A sub-folder not among them is an error; a
+            class without a sub-folder here is a warning.
+    """
     import tensorflow as tf
 
-    class_names = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
-    if not class_names:
+    found = folder_classes(directory)
+    if not found:
         raise ValueError(
             f"`directory` must contain one sub-folder of images per class. Received: directory={directory!r}"
         )
+    if class_names is None:
+        class_names = found
+    unknown = [name for name in found if name not in class_names]
+    if unknown:
+        raise ValueError(
+            f"{directory} has classes the training split does not have: {unknown}. Every split must use the "
+            f"training split's classes ({list(class_names)}); remove or rename those folders."
+        )
+    missing = [name for name in class_names if name not in found]
+    if missing:
+        warnings.warn(f"{directory} has no images of the classes {missing}.", stacklevel=2)
     paths, labels = [], []
-    for index, name in enumerate(class_names):
+    for name in found:
+        index = list(class_names).index(name)
         for file in sorted(os.listdir(os.path.join(directory, name))):
             if file.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(directory, name, file))
@@ -390,8 +416,13 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
     )
 
 
-def load_split(spec: str, split: str | None = None, data_dir: str | None = None):
+def load_split(spec: str, split: str | None = None, data_dir: str | None = None, labels_from: str | None = None):
     """`(image, integer label)` pairs of one split of a dataset spec, and its class count.
+
+    `labels_from` names the split whose classes define the labels (for
+    folders, whose classes are their sub-folders: pass the training split when
+    loading the validation split, so that a class means the same label in
+    both). tfds and Fashion-MNIST labels are fixed by the dataset.
 
     - `"tfds:NAME"`: the tfds split `split` (required), prepared in `data_dir`;
       nothing is downloaded.
@@ -412,7 +443,10 @@ def load_split(spec: str, split: str | None = None, data_dir: str | None = None)
                 f"`folder:{location}` with split {split!r} reads {directory}, which is not a folder. "
                 f"Received: dataset={spec!r}, split={split!r}"
             )
-        source, names = folder_source(directory)
+        names = None
+        if labels_from is not None and labels_from != split:
+            names = folder_classes(os.path.join(location, labels_from))
+        source, names = folder_source(directory, names)
         return source, len(names)
     if split not in (None, "train", "test"):
         raise ValueError(f"Fashion-MNIST has the splits 'train' and 'test'. Received: split={split!r}")

@@ -363,7 +363,7 @@ def run(
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     train_source, num_classes = data.load_split(dataset, train_split, data_dir)
-    eval_source, _ = data.load_split(dataset, eval_split, data_dir)
+    eval_source, _ = data.load_split(dataset, eval_split, data_dir, labels_from=train_split)
     if steps_per_epoch is None:
         count = int(train_source.cardinality())
         if count <= 0:

@@ -166,6 +166,25 @@ def test_dataset_specs_are_parsed_in_one_place(tmp_path):
     ]  # fmt: skip
 
 
+def test_every_folder_split_labels_a_class_as_the_training_split_does(tmp_path):
+    from PIL import Image
+
+    def write(split, classes):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (ord(name[0]), 0, 0)).save(tmp_path / split / name / "0.png")
+
+    write("train", ["a", "b", "c"])
+    write("validation", ["a", "c"])  # no "b": "c" must keep label 2, not shift to 1
+    write("test", ["a", "d"])
+    with pytest.warns(UserWarning, match=r"has no images of the classes \['b'\]"):
+        source, classes = data.load_split(f"folder:{tmp_path}", "validation", labels_from="train")
+    pairs = sorted((int(image[0, 0, 0]), int(label)) for image, label in source.as_numpy_iterator())
+    assert classes == 3 and pairs == [(ord("a"), 0), (ord("c"), 2)]
+    with pytest.raises(ValueError, match=r"has classes the training split does not have: \['d'\]"):
+        data.load_split(f"folder:{tmp_path}", "test", labels_from="train")
+
+
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_spec_reads_the_real_files():
     (x_train, y_train), (x_test, y_test) = data.load_fashion_mnist()
