@@ -69,6 +69,27 @@ def decode_predictions(preds, top: int = 5) -> list[list[tuple[str, str, float]]
     return results
 
 
+def _to_rgb(image):
+    """A Pillow image as 8-bit RGB, upright: EXIF rotation applied, 16-bit and float grey scaled, not clipped.
+
+    Pillow's own `convert("RGB")` clips 16-bit and 32-bit grey (mode I;16, I)
+    at 255, which turns most such images white, and maps float images (F) the
+    same way; every other mode (L, P, RGBA, CMYK, ...) it converts correctly.
+    """
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        elif image.mode.startswith("I;16") or (image.mode == "I" and values.size and values.max() > 255):
+            values = values / 257.0  # 16-bit range: 65535 -> 255
+        grey = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(grey, mode="L")
+    return image.convert("RGB")
+
+
 def load_image(path, size: int = IMAGENET_EVAL.input_size, crop_pct: float = IMAGENET_EVAL.crop_pct) -> np.ndarray:
     """Loads an image the way the reference evaluates ImageNet.
 
@@ -88,7 +109,7 @@ def load_image(path, size: int = IMAGENET_EVAL.input_size, crop_pct: float = IMA
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = _to_rgb(image)
         short = int(size / crop_pct)
         width, height = image.size
         # torchvision's Resize(short): the long side is truncated, not rounded.

@@ -53,3 +53,32 @@ def test_load_image_is_timms_eval_transform(tmp_path, width, height):
     ours = load_image(tmp_path / "img.png")
     assert ours.shape == (224, 224, 3)
     np.testing.assert_allclose(normalise(ours.astype(np.uint8)), expected, atol=1e-5)
+
+
+def test_load_image_scales_16_bit_and_float_grey_and_applies_exif_rotation(tmp_path):
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:120, 0:90]
+    grey16 = (xx * 700 + yy * 20).astype(np.uint16)  # 0 .. 64680: Pillow's own RGB conversion clips it to white
+    reference = np.round(grey16 / 257.0).astype(np.uint8)
+    Image.fromarray(reference, mode="L").save(tmp_path / "grey8.png")
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as opened:
+        assert opened.mode.startswith("I")
+    Image.fromarray((reference / 255.0).astype(np.float32), mode="F").save(tmp_path / "float.tiff")
+    expected = load_image(tmp_path / "grey8.png", size=64)
+    assert expected.std() > 20  # a real gradient, not a white square
+    for name in ("grey16.png", "float.tiff"):
+        np.testing.assert_allclose(load_image(tmp_path / name, size=64), expected, atol=1, err_msg=name)
+
+    # A phone photo stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view") loads upright.
+    upright = np.stack([xx * 2, yy * 2, np.full_like(xx, 90)], -1).astype(np.uint8)
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    sideways = Image.fromarray(np.rot90(upright))  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    np.testing.assert_allclose(
+        load_image(tmp_path / "phone.jpg", size=64), load_image(tmp_path / "upright.png", size=64),
+        atol=12,
+    )  # fmt: skip
