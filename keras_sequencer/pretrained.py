@@ -14,6 +14,8 @@ Nothing here knows the model: `keras_sequencer.convert` maps the names and
 
 import hashlib
 import os
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -124,20 +126,9 @@ def fetch_checkpoint(variant: str) -> str:
     that fails verification is removed from the cache before the error.
     """
     checkpoint = CHECKPOINTS[variant]
-    directory = cache_dir()
-    # get_file falls back to /tmp when the cache folder does not exist yet.
-    os.makedirs(directory, exist_ok=True)
     try:
-        return keras.utils.get_file(
-            checkpoint.filename,
-            checkpoint.url(),
-            file_hash=checkpoint.sha256,
-            hash_algorithm="sha256",
-            cache_dir=_keras_home(),
-            cache_subdir=CACHE_SUBDIR,
-        )
+        return _download(checkpoint.filename, checkpoint.url(), checkpoint.sha256)
     except ValueError as e:  # raised by get_file on a hash mismatch
-        remove(os.path.join(directory, checkpoint.filename))
         raise ValueError(
             f"The downloaded checkpoint {checkpoint.url()} failed its sha256 check (expected "
             f"{checkpoint.sha256}); it was truncated or replaced, and has been removed from the "
@@ -154,6 +145,32 @@ def fetch_checkpoint(variant: str) -> str:
         raise
 
 
+def _download(filename: str, url: str, sha256: str | None) -> str:
+    """`cache_dir()/filename`, downloaded with `keras.utils.get_file` unless a verified copy is there.
+
+    The download goes to a folder of its own and is renamed into the cache
+    only once complete and verified, so processes that fetch the same file
+    at the same time each get a whole file and a failed download leaves
+    nothing behind.
+    """
+    directory = cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, filename)
+    if os.path.exists(final):
+        if sha256 is None or _sha256(final) == sha256:
+            return final
+        remove(final)  # replaced or damaged: fetch it again
+    private = tempfile.mkdtemp(prefix=".download-", dir=directory)
+    try:
+        path = keras.utils.get_file(
+            filename, url, file_hash=sha256, hash_algorithm="sha256", cache_dir=private, cache_subdir=private
+        )
+        os.replace(path, final)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return final
+
+
 def _fetch_fallback(checkpoint: Checkpoint) -> str | None:
     """The authors' GitHub release, when torch is there to read it."""
     try:
@@ -161,12 +178,7 @@ def _fetch_fallback(checkpoint: Checkpoint) -> str | None:
     except ImportError:
         return None
     try:
-        return keras.utils.get_file(
-            os.path.basename(checkpoint.fallback_url),
-            checkpoint.fallback_url,
-            cache_dir=_keras_home(),
-            cache_subdir=CACHE_SUBDIR,
-        )
+        return _download(os.path.basename(checkpoint.fallback_url), checkpoint.fallback_url, None)
     except Exception:
         return None
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 from conftest import BACKEND, normalise, timm_logits, timm_model, timm_state_dict, to_numpy
 import keras
@@ -36,6 +37,9 @@ class _Hub:
     def __init__(self, root):
         self.root = root
         self.requests = []
+        self.together = None  # a threading.Barrier: hold each download until that many have started
+        self.lock = threading.Lock()
+        self.slow_after = None  # requests after this many start 3 s late and take about 4 s for 8 MiB
         hub = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -43,8 +47,21 @@ class _Hub:
                 super().__init__(*args, directory=str(root), **kwargs)
 
             def do_GET(self):
-                hub.requests.append(self.path)
+                with hub.lock:
+                    self.slow = hub.slow_after is not None and len(hub.requests) >= hub.slow_after
+                    hub.requests.append(self.path)
+                if hub.together is not None:
+                    hub.together.wait()
+                if self.slow:
+                    time.sleep(3)  # this response starts after the first download has finished
                 super().do_GET()
+
+            def copyfile(self, source, outputfile):
+                if not self.slow:
+                    return super().copyfile(source, outputfile)
+                while chunk := source.read(1 << 18):
+                    outputfile.write(chunk)
+                    time.sleep(0.12)
 
             def log_message(self, *args):
                 pass
@@ -208,3 +225,37 @@ def test_keras_get_file_is_the_download_path(hub, monkeypatch):
         ks.Sequencer2DS(weights="imagenet")
     assert calls and calls[0][0] == "sequencer2d_s.in1k.safetensors"
     assert _cache_files() == []
+
+
+@pytest.mark.backend_agnostic
+def test_concurrent_downloads_into_one_fresh_cache_both_succeed(hub, tmp_path):
+    data = np.random.RandomState(0).bytes(8 << 20)  # M has no pinned hash: any bytes are fetched as they are
+    hub.publish("m", data)
+    hub.together = threading.Barrier(2, timeout=120)  # both downloads are in flight at the same moment,
+    hub.slow_after = 1  # the second starts writing after the first has finished and ends 4 s later
+    code = (
+        "import hashlib, time\n"
+        "from keras_sequencer import pretrained\n"
+        "path = pretrained.fetch_checkpoint('m')\n"
+        "time.sleep(4)  # using the file (converting M takes seconds) while the other download is running\n"
+        "print('PATH', path, hashlib.sha256(open(path, 'rb').read()).hexdigest())\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "numpy", "KERAS_HOME": str(tmp_path / "keras_home"), HUB_URL_ENV: hub.url}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        path, digest = out.split("PATH ")[1].split()
+        assert digest == hashlib.sha256(data).hexdigest()  # what the process read right after its fetch
+        assert open(path, "rb").read() == data
+    assert len(hub.requests) == 2
+    assert _cache_files() == ["sequencer2d_m.in1k.safetensors"]  # no partial or temporary file left
