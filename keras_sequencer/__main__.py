@@ -49,7 +49,7 @@ def _convert(args) -> int:
         raise ValueError(f"--out must end with .weights.h5 (Keras' weights format). Received: --out {args.out}")
     # Building the variant with the checkpoint converts it strictly: every tensor used once, shapes checked.
     model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.source, classifier_activation=None)
-    save_weights(model, args.out)
+    save_weights(model, args.out, variant_config(args.variant))
     print(f"converted {len(model.weights)} variables of Sequencer2D-{args.variant.upper()} -> {args.out}")
     return 0
 

@@ -67,6 +67,25 @@ def test_weights_file_of_another_architecture_is_rejected(tmp_path):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
+def test_weights_file_of_the_same_shapes_in_another_order_is_rejected(tmp_path):
+    from keras_sequencer.models.weights import save_weights
+
+    # Stages 1 and 2 of TINY have equal widths: depths (2, 1, 2) and (2, 2, 1) give the same multiset of shapes.
+    source = ks.Sequencer2D(**{**TINY, "layers": (2, 1, 2)}, classes=5)
+    source.save_weights(tmp_path / "plain.weights.h5")  # Keras' own file: layer order and shapes only
+    with pytest.raises(ValueError, match=r"another architecture.*'layers/sequencer2d_block_1/.*' is \(16,"):
+        ks.Sequencer2D(**{**TINY, "layers": (1, 2, 2)}, classes=5, weights=str(tmp_path / "plain.weights.h5"))
+    # The same shapes in the same order: only the file's recorded architecture tells them apart.
+    save_weights(source, str(tmp_path / "ours.weights.h5"), {**TINY, "layers": (2, 1, 2)})
+    with pytest.raises(
+        ValueError, match=r"saved from a Sequencer2D with layers=\(2, 1, 2\); model .* layers=\(2, 2, 1\)"
+    ):
+        ks.Sequencer2D(**{**TINY, "layers": (2, 2, 1)}, classes=5, weights=str(tmp_path / "ours.weights.h5"))
+    same = ks.Sequencer2D(**{**TINY, "layers": (2, 1, 2)}, classes=5, weights=str(tmp_path / "ours.weights.h5"))
+    for a, b in zip(same.weights, source.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
 def test_assign_is_strict():
     model = ks.Sequencer2D(**TINY, classes=5)
     variables = {v.path: np.zeros(v.shape, "float32") for v in model.weights}
