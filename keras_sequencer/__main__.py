@@ -47,6 +47,12 @@ def _convert(args) -> int:
 
     if not args.out.endswith(".weights.h5"):
         raise ValueError(f"--out must end with .weights.h5 (Keras' weights format). Received: --out {args.out}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(folder):
+        problem = "is a folder" if os.path.isdir(args.out) else f"is in {folder}, which does not exist"
+        raise ValueError(f"--out must be a file path in an existing folder; {args.out} {problem}.")
+    if args.source != "imagenet" and not os.path.isfile(args.source):
+        raise ValueError(f"The checkpoint {args.source} does not exist (or is a folder). Received: {args.source!r}")
     # Building the variant with the checkpoint converts it strictly: every tensor used once, shapes checked.
     model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.source, classifier_activation=None)
     save_weights(model, args.out, variant_config(args.variant))
@@ -60,8 +66,12 @@ def _predict(args) -> int:
     import keras_sequencer as ks
     from keras_sequencer.imagenet import load_image
 
-    model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.weights)
+    for path in args.images:  # before the model is built (tens of seconds): a typo costs nothing
+        if not os.path.isfile(path):
+            kind = "a folder" if os.path.isdir(path) else "not found"
+            raise ValueError(f"Each image must be an image file; {path} is {kind}. Received: {path!r}")
     images = np.stack([load_image(path, size=args.size) for path in args.images])
+    model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.weights)
     for path, row in zip(
         args.images, ks.decode_predictions(model.predict(images, verbose=0), top=args.top), strict=True
     ):
@@ -102,6 +112,13 @@ def _export(args) -> int:
     from keras_sequencer.export import export, load_calibration
 
     calibration = None
+    if args.calibration and not os.path.exists(args.calibration):
+        raise ValueError(
+            "--calibration must be a .npy array of images (n, H, W, 3) or a folder of images; "
+            f"{args.calibration} does not exist."
+        )
+    if not os.path.isfile(args.model):
+        raise ValueError(f"The model {args.model} does not exist (a .keras file is expected).")
     if args.calibration:
         size = tuple(args.input_size) if args.input_size else None
         if size is None and os.path.isdir(args.calibration):

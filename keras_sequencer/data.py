@@ -298,12 +298,18 @@ def make_dataset(
         if augment.rand_augment > 0:
             color_ops.append(
                 keras.layers.RandAugment(
-                    value_range=(0, 255), num_ops=augment.rand_augment_ops, factor=augment.rand_augment, seed=seed
-                )
+                    value_range=(0, 255),
+                    num_ops=augment.rand_augment_ops,
+                    factor=augment.rand_augment,
+                    seed=seed,
+                    dtype="float32",
+                )  # fmt: skip
             )
         if augment.erasing > 0:
             color_ops.append(
-                keras.layers.RandomErasing(factor=(augment.erasing, augment.erasing), value_range=(0, 255), seed=seed)
+                keras.layers.RandomErasing(
+                    factor=(augment.erasing, augment.erasing), value_range=(0, 255), seed=seed, dtype="float32"
+                )
             )
 
         def per_batch(images, labels):
@@ -312,8 +318,8 @@ def make_dataset(
                 images = pad_and_crop(images, augment.pad_crop)
             if augment.hflip > 0:
                 images = random_flip(images, augment.hflip)
-            for op in color_ops:
-                images = op(images, training=True)
+            for op in color_ops:  # float32 whatever the global policy: the pipeline feeds any model
+                images = tf.cast(op(images, training=True), tf.float32)
             targets = smooth_labels(labels, num_classes, augment.label_smoothing)
             if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
                 images, targets = mix_batch(
@@ -381,13 +387,23 @@ def folder_source(directory: str, class_names: list[str] | None = None):
     missing = [name for name in class_names if name not in found]
     if missing:
         warnings.warn(f"{directory} has no images of the classes {missing}.", stacklevel=2)
-    paths, labels = [], []
+    paths, labels, skipped = [], [], {}
     for name in found:
         index = list(class_names).index(name)
         for file in sorted(os.listdir(os.path.join(directory, name))):
             if file.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(directory, name, file))
                 labels.append(index)
+            elif not file.startswith("."):
+                extension = os.path.splitext(file)[1].lower() or file
+                skipped[extension] = skipped.get(extension, 0) + 1
+    if skipped:  # tf.io.decode_image reads only these formats; convert the others (e.g. WebP, TIFF) first
+        counts = ", ".join(f"{count} {extension}" for extension, count in sorted(skipped.items()))
+        warnings.warn(
+            f"{directory}: skipped {sum(skipped.values())} files that are not {'/'.join(IMAGE_EXTENSIONS)} "
+            f"images ({counts}); convert them to JPEG or PNG to use them.",
+            stacklevel=2,
+        )
 
     def load(path, label):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)

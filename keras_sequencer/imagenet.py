@@ -106,9 +106,19 @@ def load_image(path, size: int = IMAGENET_EVAL.input_size, crop_pct: float = IMA
         float32 array `(size, size, 3)`, RGB in [0, 255]: the input a
         Sequencer2D model with `include_preprocessing=True` expects.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
+    try:
+        opened = Image.open(path)
+        opened.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, FileNotFoundError | IsADirectoryError):
+            raise ValueError(f"{path} is not an image file ({type(error).__name__}).") from error
+        raise ValueError(
+            f"{path} cannot be read as an image ({type(error).__name__}: {error}); it is empty, truncated, "
+            "not an image, or too large for Pillow's safety limit."
+        ) from error
+    with opened as image:
         image = _to_rgb(image)
         short = int(size / crop_pct)
         width, height = image.size

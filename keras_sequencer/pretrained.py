@@ -52,6 +52,13 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     are pickles: they need PyTorch and are opened with `weights_only=True`.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"The checkpoint '{path}' does not exist (or is a folder). Received: weights={path!r}")
+    if not path.endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(
+            f"A checkpoint must be a timm / authors' file ending in {', '.join(CHECKPOINT_SUFFIXES)} (or a Keras "
+            f".weights.h5 given as weights=). Received: weights={path!r}"
+        )
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 

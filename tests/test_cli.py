@@ -105,3 +105,27 @@ def test_numbers_out_of_range_are_one_line_errors(argv, message, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error and "Traceback" not in error, error
+
+
+def test_file_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, capsys):
+    from keras_sequencer.__main__ import main
+
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "weights.npz").write_bytes(b"PK")
+    cases = [
+        (["predict", str(tmp_path / "missing.jpg")], "missing.jpg is not found"),
+        (["predict", str(tmp_path)], "is a folder"),
+        (["predict", str(tmp_path / "notes.jpg")], "notes.jpg cannot be read as an image (UnidentifiedImageError"),
+        (["predict", str(tmp_path / "empty.png")], "empty.png cannot be read as an image"),
+        (["convert", str(tmp_path / "weights.npz"), "--variant", "s", "--out", str(tmp_path / "no" / "s.weights.h5")],
+         "which does not exist"),
+        (["convert", str(tmp_path / "weights.npz"), "--variant", "s", "--out", str(tmp_path / "s.weights.h5")],
+         "must be a timm / authors' file ending in .safetensors"),
+        (["export", str(tmp_path / "m.keras"), "--output", str(tmp_path / "m.tflite"), "--quantize", "int8",
+          "--calibration", str(tmp_path / "missing.npy")], "missing.npy does not exist"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0], (argv, lines)

@@ -2,6 +2,7 @@
 
 import os
 
+from conftest import global_dtype_policy
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -106,6 +107,17 @@ def _write_folder(root, sizes):
             )
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_the_paper_pipeline_stays_float32_under_a_mixed_policy(policy):
+    images = np.random.RandomState(0).randint(0, 256, (8, 40, 40, 3)).astype(np.uint8)
+    source = tf.data.Dataset.from_tensor_slices((images, np.arange(8) % 4))
+    with global_dtype_policy(policy):  # as `train --mixed-precision` sets it before building the pipelines
+        ds = data.make_dataset(source, 4, 4, True, 32, data.Augment(), seed=0)
+        batch, targets = next(iter(ds))
+    assert batch.dtype == tf.float32 and targets.dtype == tf.float32 and batch.shape == (4, 32, 32, 3)
+    assert np.all(np.isfinite(batch.numpy())) and np.allclose(targets.numpy().sum(-1), 1.0, atol=1e-5)
+
+
 def test_image_folder_pipeline_and_eval_transform(tmp_path):
     _write_folder(tmp_path, [(300, 200), (180, 260)])
     source, names = data.folder_source(str(tmp_path))
@@ -183,6 +195,16 @@ def test_every_folder_split_labels_a_class_as_the_training_split_does(tmp_path):
     assert classes == 3 and pairs == [(ord("a"), 0), (ord("c"), 2)]
     with pytest.raises(ValueError, match=r"has classes the training split does not have: \['d'\]"):
         data.load_split(f"folder:{tmp_path}", "test", labels_from="train")
+
+
+def test_files_a_folder_dataset_cannot_read_are_reported(tmp_path):
+    _write_folder(tmp_path, [(20, 20), (20, 20)])
+    (tmp_path / "cat" / "photo.webp").write_bytes(b"RIFF")
+    (tmp_path / "dog" / "scan.tiff").write_bytes(b"II*")
+    (tmp_path / "dog" / ".DS_Store").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"skipped 2 files .*\(1 \.tiff, 1 \.webp\); convert them"):
+        source, names = data.folder_source(str(tmp_path))
+    assert int(source.cardinality()) == 6 and names == ["cat", "dog"]
 
 
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")

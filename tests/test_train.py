@@ -53,6 +53,17 @@ def test_run_refuses_counts_that_would_never_finish_or_train_nothing(kwargs, mes
         train.fit(None, None, None, train.get_recipe("fashion_mnist"), 8, 0, "unused")
 
 
+@pytest.mark.backend_agnostic
+def test_run_refuses_a_single_class_dataset(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(tmp_path / split / "only" / "0.png")
+    with pytest.raises(ValueError, match="has 1 class; a classifier needs at least 2"):
+        train.run(f"folder:{tmp_path}", recipe="fashion_mnist")
+
+
 @needs_fashion_mnist
 def test_fit_on_real_data_lowers_the_loss(tmp_path):
     import tensorflow as tf

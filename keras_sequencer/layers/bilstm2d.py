@@ -91,6 +91,9 @@ class BiLSTM2D(keras.layers.Layer):
             raise ValueError(f"`rnn_type` must be one of {RNN_TYPES}. Received: rnn_type={rnn_type!r}")
         if union not in UNIONS:
             raise ValueError(f"`union` must be one of {UNIONS}. Received: union={union!r}")
+        for name, value in (("bidirectional", bidirectional), ("with_fc", with_fc)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
         self.hidden_size = hidden_size
         self.implementation = implementation
         self.rnn_type = rnn_type

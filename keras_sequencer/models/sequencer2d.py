@@ -1,5 +1,7 @@
 """The Sequencer2D builder, the S/M/L variants and every registered model by name."""
 
+import os
+
 import keras
 
 from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock, token_mixing
@@ -29,6 +31,7 @@ def _validate(
     classifier_activation,
     variant,
     implementation,
+    layer_norm_epsilon,
 ):
     """Checks every argument before a weight is built or a file is fetched."""
     arch = {
@@ -41,6 +44,15 @@ def _validate(
     for arg, value in arch.items():
         if not isinstance(value, (list, tuple)) or len(value) == 0:
             raise ValueError(f"`{arg}` must be a non-empty list, one entry per stage. Received: {arg}={value!r}")
+    for arg in ("layers", "patch_sizes", "embed_dims", "hidden_sizes"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in arch[arg]):
+            raise ValueError(f"`{arg}` must hold positive ints, one per stage. Received: {arg}={arch[arg]!r}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in mlp_ratios):
+        raise ValueError(f"`mlp_ratios` must hold positive numbers. Received: mlp_ratios={mlp_ratios!r}")
+    if not isinstance(layer_norm_epsilon, int | float) or not layer_norm_epsilon > 0:
+        raise ValueError(
+            f"`layer_norm_epsilon` must be a positive number. Received: layer_norm_epsilon={layer_norm_epsilon!r}"
+        )
     lengths = {arg: len(value) for arg, value in arch.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(
@@ -50,7 +62,7 @@ def _validate(
     token_mixing.check_implementation(implementation)
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"`pooling` must be one of None, 'avg' or 'max'. Received: pooling={pooling!r}")
-    if not isinstance(classes, int) or classes <= 0:
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes <= 0:
         raise ValueError(f"`classes` must be a positive int. Received: classes={classes!r}")
 
     if weights == "imagenet":
@@ -181,6 +193,8 @@ def Sequencer2D(
     (1, 10)
     """
     num_stages = len(layers) if isinstance(layers, (list, tuple)) else 0
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and weights != "imagenet"):
+        weights = os.path.expanduser(os.fspath(weights))  # "~/weights/s.weights.h5" as a shell would read it
     if mlp_ratios is None:
         mlp_ratios = (3.0,) * num_stages
     _validate(
@@ -197,6 +211,7 @@ def Sequencer2D(
         classifier_activation=classifier_activation,
         variant=variant,
         implementation=implementation,
+        layer_norm_epsilon=layer_norm_epsilon,
     )
 
     # === Input ===

@@ -240,6 +240,24 @@ def test_mismatched_stage_lists():
         ks.Sequencer2D(**{**TINY, "hidden_sizes": (4, 6)})
 
 
+@pytest.mark.backend_agnostic
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"layers": (0, 0, 0)}, r"`layers` must hold positive ints.*Received: layers=\(0, 0, 0\)$"),
+        ({"embed_dims": (16, 24.5, 24)}, r"Received: embed_dims=\(16, 24.5, 24\)$"),
+        ({"mlp_ratios": (3.0, -1.0, 3.0)}, r"Received: mlp_ratios=\(3.0, -1.0, 3.0\)$"),
+        ({"layer_norm_epsilon": -1}, r"`layer_norm_epsilon` must be a positive number.*layer_norm_epsilon=-1$"),
+        ({"classes": True}, r"Received: classes=True$"),
+        ({"bidirectional": "no"}, r"`bidirectional` must be True or False. Received: bidirectional='no'$"),
+        ({"with_fc": 1}, r"Received: with_fc=1$"),
+    ],
+)
+def test_nonsense_architecture_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ks.Sequencer2D(**{**TINY, **kwargs})
+
+
 # === The paper's ablations and the registered models ===
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}

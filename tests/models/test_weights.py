@@ -86,6 +86,15 @@ def test_weights_file_of_the_same_shapes_in_another_order_is_rejected(tmp_path):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
+def test_a_weights_path_starting_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    source = ks.Sequencer2D(**TINY, classes=5)
+    source.save_weights(tmp_path / "tiny.weights.h5")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded = ks.Sequencer2D(**TINY, classes=5, weights="~/tiny.weights.h5")
+    for a, b in zip(loaded.weights, source.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
 def test_assign_is_strict():
     model = ks.Sequencer2D(**TINY, classes=5)
     variables = {v.path: np.zeros(v.shape, "float32") for v in model.weights}
