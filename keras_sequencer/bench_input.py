@@ -51,7 +51,11 @@ def measure(recipe: str = "imagenet", batch_size: int = 64, batches: int = 10, t
     rows = []
     for count in threads:
         count = count or os.cpu_count()
-        pipeline = data.make_dataset(source, 1000, batch_size, True, size, rec.augment, seed=seed)
+        # A small shuffle buffer: the default 10,000 decoded photos would take minutes and gigabytes to
+        # fill before the first batch, and once full it costs one decode per image either way.
+        pipeline = data.make_dataset(
+            source, 1000, batch_size, True, size, rec.augment, shuffle_buffer=4 * batch_size, seed=seed
+        )
         options = tf.data.Options()
         options.threading.private_threadpool_size = count
         options.threading.max_intra_op_parallelism = 1

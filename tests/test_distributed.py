@@ -1,6 +1,6 @@
 """Multi-process training with real OS processes on 127.0.0.1: JAX jobs, resume after a kill, bad setups.
 
-Every process is started in its own session and killed, with its group, when the test ends.
+Every process is started in a process group of its own and killed, with its group, when the test ends.
 """
 
 import contextlib
@@ -104,7 +104,7 @@ class _Job:
                 stderr=subprocess.STDOUT,
                 env=full_env,
                 cwd=REPO,
-                start_new_session=True,
+                process_group=0,
             )  # fmt: skip
         )
         self.logs.append(log)

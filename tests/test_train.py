@@ -3,7 +3,7 @@
 import json
 import os
 
-from conftest import TINY, run_python, run_subprocess
+from conftest import BACKEND, TINY, run_python, run_subprocess
 import keras
 import numpy as np
 import pytest
@@ -121,6 +121,8 @@ def test_kill_and_resume_continues_from_the_last_finished_epoch(tmp_path):
     rows = open(tmp_path / "log.csv").read().splitlines()
     assert [row.split(",")[0] for row in rows if row[0].isdigit()] == ["0", "1", "2", "3"]
     finished_log = (tmp_path / "log.csv").read_bytes()
+    if BACKEND != "tensorflow":
+        return  # the file handling below is the same on every backend; loading and saving were checked above
 
     # A damaged newest backup (a disk fault: writes themselves go to a temporary name first) is reported and
     # the previous epoch's used; the run then finishes again and trains nothing more.
