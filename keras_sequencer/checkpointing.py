@@ -25,23 +25,9 @@ import warnings
 import keras
 
 from keras_sequencer import distributed
+from keras_sequencer.pretrained import replace_atomically
 
 STATE = "state.json"
-
-
-def _replace_atomically(path: str, write) -> None:
-    """Calls `write(temporary_path)`, then renames the result onto `path` (same directory)."""
-    directory, name = os.path.split(path)
-    stem, dot, extension = name.partition(".")
-    temporary = os.path.join(directory, f"{stem}.tmp-{os.getpid()}{dot}{extension}")
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -49,7 +35,7 @@ def _write_text(path: str, text: str) -> None:
         with open(temporary, "w", newline="") as handle:
             handle.write(text)
 
-    _replace_atomically(path, write)
+    replace_atomically(path, write)
 
 
 class TrainingState(keras.callbacks.Callback):
@@ -71,7 +57,6 @@ class TrainingState(keras.callbacks.Callback):
         self.log_path = os.path.join(output_dir, "log.csv")
         self.model_path = os.path.join(output_dir, "last.keras")
         self.save_model = save_model
-        self.initial_epoch = 0
         self._complete = None
 
     # === Reading ===
@@ -133,7 +118,6 @@ class TrainingState(keras.callbacks.Callback):
                 self.model.optimizer.build(self.model.trainable_variables)  # its variables are in the backup
             self.model.load_weights(os.path.join(self.backup_dir, name))
         self._complete = name  # the newest complete backup, kept until the next one is complete
-        self.initial_epoch = finished
         self.model._initial_epoch = finished  # what BackupAndRestore sets: fit starts at this epoch
         epochs = self.params.get("epochs") if self.params else None
         if distributed.is_chief():
@@ -168,7 +152,7 @@ class TrainingState(keras.callbacks.Callback):
         # Order matters for a kill at any point: the log row and the files come first, and state.json,
         # written last, is what makes this epoch count as finished.
         self._write_log([*(r for r in self._log_rows() if int(r["epoch"]) < epoch), {"epoch": epoch, **(logs or {})}])
-        _replace_atomically(os.path.join(self.backup_dir, name), self.model.save_weights)
+        replace_atomically(os.path.join(self.backup_dir, name), self.model.save_weights)
         if self.save_model:
             save_model(self.model, self.model_path)
         previous = self._complete if self._complete != name else None
@@ -189,7 +173,7 @@ class TrainingState(keras.callbacks.Callback):
                 for row in rows:
                     writer.writerow({key: _plain(row.get(key, "")) for key in keys})
 
-        _replace_atomically(self.log_path, write)
+        replace_atomically(self.log_path, write)
 
 
 def _read_whole(path: str) -> None:
@@ -203,7 +187,7 @@ def _read_whole(path: str) -> None:
 def save_model(model: keras.Model, path: str) -> None:
     """`model.save(path)` by the chief of a job, atomically; the other processes take part and discard."""
     if distributed.is_chief():
-        _replace_atomically(path, model.save)
+        replace_atomically(path, model.save)
     else:
         with tempfile.TemporaryDirectory() as scratch:
             model.save(os.path.join(scratch, os.path.basename(path)))

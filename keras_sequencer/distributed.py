@@ -261,14 +261,6 @@ def is_chief() -> bool:
     return process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Waits until every process of the job reaches the same named point (no-op in a single process)."""
-    if process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def check_agreement(name: str, value: int, hint: str = "Start every process with the same settings.") -> None:
     """Raises, in every process, unless all processes of the job hold the same integer `value`."""
     if process_count() == 1:

@@ -110,6 +110,25 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def replace_atomically(path: str, write) -> None:
+    """Calls `write(temporary_path)`, then renames the result onto `path`: `path` is never half-written.
+
+    The temporary file sits in the same folder and keeps `path`'s extensions
+    (Keras checks them), with this process's id in its name.
+    """
+    directory, name = os.path.split(path)
+    stem, dot, extension = name.partition(".")
+    temporary = os.path.join(directory, f"{stem}.tmp-{os.getpid()}{dot}{extension}")
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def remove(path: str) -> None:
     """Deletes `path` if it exists (a cache entry that must not be used again)."""
     if os.path.exists(path):

@@ -49,16 +49,14 @@ def save_weights(model: keras.Model, target: str, config: dict | None = None) ->
     With `config` (the builder's `layers`, `patch_sizes`, `embed_dims`,
     `hidden_sizes`) the file records the architecture, which loading checks.
     """
-    fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(os.path.abspath(target)))
-    os.close(fd)
-    try:
-        model.save_weights(tmp)
+
+    def write(temporary):
+        model.save_weights(temporary)
         if config is not None:
-            with h5py.File(tmp, "a") as f:
+            with h5py.File(temporary, "a") as f:
                 f.attrs[ARCHITECTURE_ATTR] = json.dumps(_architecture(config))
-        os.replace(tmp, target)
-    finally:
-        pretrained.remove(tmp)
+
+    pretrained.replace_atomically(target, write)
 
 
 def _h5_arrays(path: str) -> dict[str, tuple]:
