@@ -405,12 +405,58 @@ def folder_source(directory: str, class_names: list[str] | None = None):
             stacklevel=2,
         )
 
-    def load(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return image, label
+    readable = _decodable(paths)
+    if len(readable) < len(paths):
+        bad = [path for i, path in enumerate(paths) if i not in readable]
+        if not readable:
+            raise ValueError(f"{directory}: none of its {len(paths)} image files can be decoded, e.g. {bad[0]}.")
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(
+            f"{directory}: skipped {len(bad)} image files that cannot be decoded (corrupt, truncated or "
+            f"not what their extension says): {shown}.",
+            stacklevel=2,
+        )
+        paths = [paths[i] for i in sorted(readable)]
+        labels = [labels[i] for i in sorted(readable)]
 
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE), class_names
+    return ds.map(lambda path, label: (_decode(path), label), num_parallel_calls=tf.data.AUTOTUNE), class_names
+
+
+def _decode(path):
+    import tensorflow as tf
+
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def _decodable(paths: list[str], progress_from: int = 5000) -> set[int]:
+    """Indices of the files `_decode` reads without an error: every file decoded once, in parallel.
+
+    Run before training so that a bad file is named and left out up front,
+    instead of stopping an epoch half-way (tf.data's own error names no file).
+    A progress bar is shown from `progress_from` files.
+    """
+    import keras
+    import tensorflow as tf
+
+    if not paths:
+        return set()
+
+    def check(index, path):
+        image = _decode(path)
+        return index, tf.shape(image)[0]
+
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors(log_warning=False)
+    progress = keras.utils.Progbar(len(paths), unit_name="image") if len(paths) >= progress_from else None
+    readable = set()
+    for indices, _ in ds.batch(256).as_numpy_iterator():
+        readable.update(indices.tolist())
+        if progress is not None:
+            progress.add(len(indices))
+    if progress is not None:
+        progress.update(len(paths), finalize=True)  # the skipped files count as checked
+    return readable
 
 
 def list_images(directory: str) -> list[str]:

@@ -12,6 +12,8 @@ Nothing here knows the model: `keras_sequencer.convert` maps the names and
 `keras_sequencer.models.weights` loads them.
 """
 
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -154,6 +156,8 @@ def fetch_checkpoint(variant: str) -> str:
     checkpoint = CHECKPOINTS[variant]
     try:
         return _download(checkpoint.filename, checkpoint.url(), checkpoint.sha256)
+    except CacheNotWritableError:
+        raise
     except ValueError as e:  # raised by get_file on a hash mismatch
         raise ValueError(
             f"The downloaded checkpoint {checkpoint.url()} failed its sha256 check (expected "
@@ -171,6 +175,35 @@ def fetch_checkpoint(variant: str) -> str:
         raise
 
 
+class CacheNotWritableError(PermissionError):
+    """The weights cache cannot be written where a download or a conversion must go."""
+
+
+@contextlib.contextmanager
+def _writing_to_cache(directory: str, purpose: str):
+    """Turns a refused write in the cache into an error that says where and what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise CacheNotWritableError(
+            f"Cannot {purpose}: the weights cache {directory} is not writable ({e.strerror}). Set KERAS_HOME "
+            "to a writable folder (the cache is $KERAS_HOME/models/keras_sequencer), or pass a local "
+            "checkpoint file as `weights=`."
+        ) from e
+
+
+def cache_is_writable(directory: str) -> bool:
+    """Whether a file can be created in `directory` (tried, since root ignores permission bits)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
 def _download(filename: str, url: str, sha256: str | None) -> str:
     """`cache_dir()/filename`, downloaded with `keras.utils.get_file` unless a verified copy is there.
 
@@ -180,13 +213,15 @@ def _download(filename: str, url: str, sha256: str | None) -> str:
     nothing behind.
     """
     directory = cache_dir()
-    os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, filename)
     if os.path.exists(final):
         if sha256 is None or _sha256(final) == sha256:
-            return final
-        remove(final)  # replaced or damaged: fetch it again
-    private = tempfile.mkdtemp(prefix=".download-", dir=directory)
+            return final  # reading needs no write access: a read-only cache works
+        with _writing_to_cache(directory, f"replace the damaged {filename}"):
+            remove(final)  # replaced or damaged: fetch it again
+    with _writing_to_cache(directory, f"download {filename}"):
+        os.makedirs(directory, exist_ok=True)
+        private = tempfile.mkdtemp(prefix=".download-", dir=directory)
     try:
         path = keras.utils.get_file(
             filename, url, file_hash=sha256, hash_algorithm="sha256", cache_dir=private, cache_subdir=private

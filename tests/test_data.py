@@ -207,6 +207,27 @@ def test_files_a_folder_dataset_cannot_read_are_reported(tmp_path):
     assert int(source.cardinality()) == 6 and names == ["cat", "dog"]
 
 
+def test_undecodable_images_are_named_and_left_out_before_training(tmp_path):
+    _write_folder(tmp_path, [(20, 20), (24, 20)])
+    good = (tmp_path / "cat" / "0.png").read_bytes()
+    (tmp_path / "cat" / "3.png").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "dog" / "3.jpg").write_bytes(b"<html>not an image</html>")  # renamed
+    (tmp_path / "dog" / "4.jpg").write_bytes(b"")  # empty
+    with pytest.warns(UserWarning, match="skipped 3 image files that cannot be decoded") as record:
+        source, names = data.folder_source(str(tmp_path))
+    message = str(record[0].message)
+    for name in ("cat/3.png", "dog/3.jpg", "dog/4.jpg"):
+        assert os.path.join(str(tmp_path), name) in message
+    # What is left reads to the end; before, the first bad file stopped the iterator without a file name.
+    pairs = [(image.shape, int(label)) for image, label in source.as_numpy_iterator()]
+    assert pairs == [((20, 20, 3), 0)] * 3 + [((20, 24, 3), 1)] * 3
+    for name in ("cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png", "dog/2.png"):
+        os.remove(tmp_path / name)
+    (tmp_path / "cat" / "3.png").unlink()
+    with pytest.raises(ValueError, match="none of its 2 image files can be decoded"):
+        data.folder_source(str(tmp_path))
+
+
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_spec_reads_the_real_files():
     (x_train, y_train), (x_test, y_test) = data.load_fashion_mnist()

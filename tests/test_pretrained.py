@@ -6,6 +6,7 @@ run exactly as for users. The served checkpoints are perturbed random timm
 models, so every check is against timm's own logits.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 from conftest import BACKEND, normalise, timm_logits, timm_model, timm_state_dict, to_numpy
 import keras
@@ -198,6 +200,59 @@ def test_default_cache_is_under_keras_home_without_the_env_var(tmp_path):
     said = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("CACHE", "OFFLINE")))
     assert said == {"CACHE": str(tmp_path / ".keras" / "models" / "keras_sequencer"), "OFFLINE": "True"}
     assert os.path.isdir(said["CACHE"])
+
+
+@contextlib.contextmanager
+def _read_only(directory):
+    """`directory` made read-only for this process: chmod, or for root (which ignores it) the immutable flag."""
+    if os.geteuid() != 0:
+        os.chmod(directory, 0o555)
+        undo = ["chmod", "755", str(directory)]
+    else:
+        if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+            pytest.skip("running as root where `chattr +i` is refused: no way to make a folder read-only here")
+        undo = ["chattr", "-i", str(directory)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+@pytest.mark.backend_agnostic
+def test_read_only_cache_empty_says_what_to_do_without_a_request(hub, monkeypatch, tmp_path):
+    _pin(monkeypatch, "s", hub.publish("s", _safetensors_bytes("s")))
+    home = tmp_path / "keras_home"
+    home.mkdir()
+    with _read_only(home), pytest.raises(PermissionError) as info:
+        ks.Sequencer2DS(weights="imagenet")
+    message = str(info.value)
+    assert f"weights cache {home / 'models' / 'keras_sequencer'} is not writable" in message
+    assert "Set KERAS_HOME to a writable folder" in message
+    assert hub.requests == []  # nothing fetched that could not be kept
+
+
+@pytest.mark.backend_agnostic
+def test_read_only_filled_cache_is_used_offline(hub, monkeypatch):
+    _pin(monkeypatch, "s", hub.publish("s", _safetensors_bytes("s")))
+    images = _images(seed=3)
+    expected = timm_logits("s", normalise(images))
+    ks.Sequencer2DS(weights="imagenet")  # fills the cache: the download and its conversion
+    cache = pretrained.cache_dir()
+    converted = [f for f in _cache_files() if f.endswith(".weights.h5")]
+    assert len(converted) == 1
+    monkeypatch.setenv(HUB_URL_ENV, "http://127.0.0.1:9")  # offline from here on
+    with _read_only(cache), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ks.Sequencer2DS(weights="imagenet", classifier_activation=None)
+    assert not [w for w in caught if "read-only" in str(w.message)]  # the cached conversion is read as it is
+    np.testing.assert_allclose(to_numpy(model.predict_on_batch(images.astype("float32"))), expected, atol=1e-5)
+
+    os.remove(os.path.join(cache, converted[0]))  # the download alone: converted at load, not kept
+    with _read_only(cache), pytest.warns(UserWarning, match="is read-only, so the conversion"):
+        model = ks.Sequencer2DS(weights="imagenet", classifier_activation=None)
+    np.testing.assert_allclose(to_numpy(model.predict_on_batch(images.astype("float32"))), expected, atol=1e-5)
+    assert _cache_files() == ["sequencer2d_s.in1k.safetensors"]
+    assert len(hub.requests) == 1
 
 
 class _Payload:

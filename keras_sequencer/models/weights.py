@@ -146,13 +146,24 @@ def _load_imagenet(model: keras.Model, variant: str, config: dict, include_top: 
     try:
         assign(model, convert_state_dict(pretrained.read_checkpoint(source), config, include_top=include_top))
     except ValueError as e:
-        pretrained.remove(source)  # a corrupt or foreign file must not stay in the cache
+        try:
+            pretrained.remove(source)  # a corrupt or foreign file must not stay in the cache
+            fate = "was removed from the cache"
+        except OSError:
+            fate = f"sits in a read-only cache: delete {source}"
         raise ValueError(
-            f"The checkpoint downloaded for Sequencer2D-{variant.upper()} cannot be used and was "
-            f"removed from the cache: {e}"
+            f"The checkpoint downloaded for Sequencer2D-{variant.upper()} cannot be used and {fate}: {e}"
         ) from e
     if include_top and all(v.dtype == "float32" for v in model.weights):
-        save_weights(model, cached, config)
+        if pretrained.cache_is_writable(os.path.dirname(cached)):
+            save_weights(model, cached, config)
+        else:
+            warnings.warn(
+                f"The weights cache {os.path.dirname(cached)} is read-only, so the conversion of the checkpoint "
+                "is not kept and is repeated at every load (a few seconds). Point KERAS_HOME at a writable "
+                "folder to keep it.",
+                stacklevel=4,
+            )
 
 
 def load_weights(model: keras.Model, weights, config: dict, variant: str | None, include_top: bool) -> None:
