@@ -109,6 +109,7 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
+    from keras_sequencer import pretrained
     from keras_sequencer.export import export, load_calibration
 
     calibration = None
@@ -117,14 +118,11 @@ def _export(args) -> int:
             "--calibration must be a .npy array of images (n, H, W, 3) or a folder of images; "
             f"{args.calibration} does not exist."
         )
-    if not os.path.isfile(args.model):
-        raise ValueError(f"The model {args.model} does not exist (a .keras file is expected).")
+    pretrained.check_keras_file(args.model)
     if args.calibration:
         size = tuple(args.input_size) if args.input_size else None
         if size is None and os.path.isdir(args.calibration):
-            import keras
-
-            size = tuple(keras.saving.load_model(args.model).input_shape[1:3])
+            size = tuple(pretrained.load_keras_model(args.model).input_shape[1:3])
         calibration = load_calibration(args.calibration, size)
     report = export(args.model, args.output, format=args.format, input_size=args.input_size,
                     batch_size=args.batch, quantize=args.quantize, calibration=calibration,
@@ -158,12 +156,11 @@ def _bench(args) -> int:
 
 
 def _research_model(args):
-    import keras
-
     import keras_sequencer as ks
+    from keras_sequencer import pretrained
 
     if args.model:
-        return keras.saving.load_model(args.model)
+        return pretrained.load_keras_model(args.model)
     weights = None if args.weights == "none" else args.weights
     return ks.create_model(f"sequencer2d_{args.variant}", weights=weights, input_shape=(None, None, 3))
 

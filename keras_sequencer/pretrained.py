@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -45,6 +46,37 @@ def check_weights_path(weights) -> None:
         )
     if not os.path.isfile(text):
         raise ValueError(f"The weights file does not exist. Received: weights={weights!r}")
+
+
+def check_keras_file(path) -> str:
+    """Raises a clear ValueError unless `path` is a whole model file; returns it with `~` expanded.
+
+    A `.keras` file is a zip archive: a truncated or damaged one is named as
+    such (Keras itself reports it as "File not found").
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ValueError(f"The model file {path} does not exist (a .keras file is expected).")
+    if path.endswith(".keras"):
+        damaged = None
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                damaged = f"its member {bad} fails its checksum"
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            damaged = f"it is not a whole zip archive ({e})"
+        if damaged:
+            raise ValueError(
+                f"The model file {path} is truncated or damaged: {damaged}. Save the model again, or copy it "
+                "again from where it was saved."
+            )
+    return path
+
+
+def load_keras_model(path):
+    """`keras.saving.load_model(path)` after `check_keras_file(path)`."""
+    return keras.saving.load_model(check_keras_file(path))
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:

@@ -4,6 +4,9 @@ The commands run on the TensorFlow backend (the first pass); the models they
 build are checked on every backend by the models' own tests.
 """
 
+import os
+import zipfile
+
 from conftest import TINY, normalise, run_cli, timm_logits, timm_state_dict, tiny_model, to_numpy
 import numpy as np
 import pytest
@@ -113,6 +116,11 @@ def test_file_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, c
     (tmp_path / "notes.jpg").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "weights.npz").write_bytes(b"PK")
+    with zipfile.ZipFile(tmp_path / "whole.keras", "w") as archive:
+        archive.writestr("config.json", "{}" * 4000)
+        archive.writestr("model.weights.h5", os.urandom(20000))
+    whole = (tmp_path / "whole.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
     cases = [
         (["predict", str(tmp_path / "missing.jpg")], "missing.jpg is not found"),
         (["predict", str(tmp_path)], "is a folder"),
@@ -124,6 +132,9 @@ def test_file_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, c
          "a Keras `.weights.h5` file or a timm / authors' checkpoint (.safetensors"),
         (["export", str(tmp_path / "m.keras"), "--output", str(tmp_path / "m.tflite"), "--quantize", "int8",
           "--calibration", str(tmp_path / "missing.npy")], "missing.npy does not exist"),
+        (["export", str(tmp_path / "m.keras"), "--output", str(tmp_path / "m.tflite")], "m.keras does not exist"),
+        (["export", str(tmp_path / "cut.keras"), "--output", str(tmp_path / "m.tflite")],
+         "cut.keras is truncated or damaged: it is not a whole zip archive"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -22,6 +22,7 @@ import os
 import keras
 import numpy as np
 
+from keras_sequencer import pretrained
 from keras_sequencer.export.litert import op_histogram, run_tflite, tflite_interpreter
 from keras_sequencer.export.onnx import to_onnx
 from keras_sequencer.export.saved_model import to_saved_model
@@ -46,7 +47,9 @@ def export(
     """Exports a Sequencer2D (or any Keras model built from this package's layers).
 
     Args:
-        model: a `keras.Model`, or the path of a `.keras` file.
+        model: a `keras.Model`, or the path of a `.keras` file. A model built
+            under a mixed policy (`mixed_float16`, `mixed_bfloat16`) is
+            exported computing in float32, over its float32 variables.
         output: file to write (`.tflite`, `.onnx`) or folder (`saved_model`).
         format: `"tflite"`, `"onnx"` or `"saved_model"`.
         input_size: `(height, width)` of the exported input. Required when the
@@ -103,25 +106,22 @@ def export(
     if keras.backend.backend() != "tensorflow":
         if isinstance(model, keras.Model):
             _input_size(model, input_size)  # its errors here, before a subprocess starts
+        else:
+            pretrained.check_keras_file(model)
         return export_in_tensorflow(
             model, output, format=format, input_size=input_size, batch_size=batch_size, quantize=quantize,
             calibration=calibration, lstm=lstm,
         )  # fmt: skip
 
     if isinstance(model, str | os.PathLike):
-        model = keras.saving.load_model(model)
+        model = pretrained.load_keras_model(model)
     height, width, channels = _input_size(model, input_size)
     if calibration is not None and calibration.shape[1:] != (height, width, channels):
         raise ValueError(
             f"`calibration` images must be {height}x{width}x{channels} (the export size). "
             f"Received: shape={calibration.shape}"
         )
-    if model.dtype_policy.compute_dtype != "float32":
-        raise ValueError(
-            f"Export a float32 model (this one computes in {model.dtype_policy.compute_dtype}); "
-            "TFLite quantisation is chosen with `quantize`. Rebuild the model with "
-            "keras.config.set_dtype_policy('float32') and load its weights."
-        )
+    model = _computing_in_float32(model)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if format == "tflite":
         shape = (batch_size, height, width, channels)
@@ -136,6 +136,46 @@ def export(
     else:
         size = to_saved_model(model, shape, output)
     return {"path": output, "format": format, "bytes": size, "input_shape": list(shape)}
+
+
+def _computing_in_float32(model):
+    """`model`, or for a model built under a mixed policy its float32 twin over the same weights.
+
+    Mixed policies keep every variable in float32 and only compute in
+    float16 / bfloat16, which TFLite's builtin kernels do not take: the
+    exported graph computes in float32, and a smaller file is asked for with
+    `quantize`. A model whose variables are not float32 is refused.
+    """
+    found = set()
+
+    def to_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
+                found.add(node["config"].get("name"))
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {key: to_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [to_float32(value) for value in node]
+        return node
+
+    config = to_float32(keras.saving.serialize_keras_object(model))
+    if found <= {"float32"} and model.dtype_policy.name == "float32":
+        return model
+    other = sorted({str(v.dtype) for v in model.weights} - {"float32"})
+    if other:
+        raise ValueError(
+            f"Export takes a model with float32 variables; this one has {other} variables. Rebuild it under "
+            "keras.config.set_dtype_policy('float32'), load its weights, and choose a smaller TFLite file "
+            "with `quantize`."
+        )
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")  # for layers that a layer creates itself
+    try:
+        twin = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def _input_size(model, input_size):

@@ -6,7 +6,7 @@ come back as the same error type with the same message.
 
 import os
 
-from conftest import TINY, tiny_model, to_numpy
+from conftest import BACKEND, TINY, tiny_model, to_numpy
 import numpy as np
 import pytest
 
@@ -22,6 +22,29 @@ def test_export_from_this_backend(tmp_path):
     assert report["ops"]["WHILE"] == 4 * sum(TINY["layers"]) and report["lstm"] == "while"
     got = run_tflite(tflite_interpreter(str(tmp_path / "model.tflite")), images)
     np.testing.assert_allclose(got, to_numpy(model.predict_on_batch(images)), rtol=0, atol=1e-4)
+
+
+def test_a_model_built_under_a_mixed_policy_exports_computing_in_float32(tmp_path):
+    """Before, TensorFlow's converter failed with a dump of float16 ops (ERROR_NEEDS_FLEX_OPS)."""
+    import keras
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        mixed = tiny_model(input_shape=(32, 32, 3), seed=4)
+        assert "float16" in {layer.compute_dtype for layer in mixed.layers}
+        mixed.save(tmp_path / "mixed.keras")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    reference = tiny_model(input_shape=(32, 32, 3))
+    reference.set_weights(mixed.get_weights())  # a mixed policy keeps its variables in float32
+    images = np.random.default_rng(5).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    expected = to_numpy(reference.predict_on_batch(images))
+    # Off TensorFlow the model object itself reaches the converter as a .keras file: one export covers both.
+    for source in (mixed, str(tmp_path / "mixed.keras")) if BACKEND == "tensorflow" else (mixed,):
+        report = export(source, str(tmp_path / "m.tflite"))
+        assert report["input_shape"] == [1, 32, 32, 3]
+        got = run_tflite(tflite_interpreter(str(tmp_path / "m.tflite")), images)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
 def test_bad_requests_say_what_to_pass(tmp_path):
