@@ -14,9 +14,12 @@ def to_onnx(model: keras.Model, shape: tuple, output: str) -> int:
         import tf2onnx  # noqa: F401
     except ImportError as error:
         raise ImportError("ONNX export needs tf2onnx and onnx: pip install 'keras-sequencer[export]'") from error
+    guarded = _EmptyBatchGuard(model)
+    guarded.build(shape)
     with token_mixing.use_path("keras"), _normalization_as_constants(model):
-        model.export(output, format="onnx", input_signature=[keras.InputSpec(shape=shape, dtype="float32")],
-                     verbose=False)  # fmt: skip
+        guarded.export(
+            output, format="onnx", input_signature=[keras.InputSpec(shape=shape, dtype="float32")], verbose=False
+        )
     import onnx
 
     inputs = [i.name for i in onnx.load(output, load_external_data=False).graph.input]
@@ -24,6 +27,29 @@ def to_onnx(model: keras.Model, shape: tuple, output: str) -> int:
         os.remove(output)
         raise ValueError(f"The ONNX graph has inputs {inputs}, expected only the image; please report this.")
     return os.path.getsize(output)
+
+
+class _EmptyBatchGuard(keras.Model):
+    """`model`, except that a batch of 0 images gives an empty output instead of an abort.
+
+    onnxruntime's LSTM kernel ends the whole process (C++ `terminate`) on an
+    empty batch. The batch is padded with `max(1 - n, 0)` blank images (none
+    unless it is empty) and the output cut back to `n` rows: two cheap
+    copies, no branch, the same graph for every batch size.
+    """
+
+    def __init__(self, model):
+        super().__init__(name=f"{model.name}_any_batch")
+        self.model = model
+
+    def build(self, input_shape):
+        self.built = True  # `model` is built already
+
+    def call(self, images):
+        ops = keras.ops
+        count = ops.shape(images)[0]
+        blank = ops.zeros((ops.maximum(1 - count, 0), *images.shape[1:]), dtype=images.dtype)
+        return self.model(ops.concatenate([images, blank], axis=0))[:count]
 
 
 @contextlib.contextmanager
