@@ -101,7 +101,7 @@ def _train(args) -> int:
         args.dataset, variant=args.variant, recipe=args.recipe, weights=weights, batch_size=args.batch_size,
         epochs=args.epochs, output_dir=args.output, data_dir=args.data_dir, train_split=args.train_split,
         eval_split=args.eval_split, mixed_precision=args.mixed_precision, devices=args.devices,
-        steps_per_epoch=args.steps_per_epoch,
+        steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
     )  # fmt: skip
     save_model(model, os.path.join(args.output, "model.keras"))
     print(f"final: { ({k: round(v[-1], 4) for k, v in history.history.items()}) }; model: {args.output}/model.keras")
@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=_COUNT, default=64)
     p.add_argument("--epochs", type=_COUNT, default=None)
     p.add_argument("--steps-per-epoch", type=_COUNT, default=None)
+    p.add_argument("--image-size", type=_SIDE, default=None, help="training side; default: the recipe's (or 224)")
     p.add_argument("--output", default="runs/train")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--train-split", default="train")

@@ -333,6 +333,7 @@ def run(
     devices: int | None = None,
     steps_per_epoch: int | None = None,
     seed: int = 0,
+    image_size: int | None = None,
 ):
     """Trains or fine-tunes a Sequencer2D variant on a tfds dataset or an image folder.
 
@@ -341,7 +342,9 @@ def run(
             `data_dir`; nothing is downloaded), `"folder:PATH"`
             (PATH/<train_split>/<class>/..., PATH/<eval_split>/<class>/...)
             or `"fashion_mnist"` (splits "train" and "test").
-        variant: "s", "m" or "l".
+        variant: "s", "m" or "l", or a dict of `Sequencer2D` architecture
+            arguments (`layers`, `embed_dims`, ...) for a model of another size
+            (trained from scratch: `weights` must be None).
         recipe: a key of `RECIPES`.
         weights: None (from scratch), "imagenet" or a path; with weights the head
             is replaced when the class count is not 1000.
@@ -354,12 +357,25 @@ def run(
         devices: devices to train on (see `distribution_scope`).
         steps_per_epoch: default: one pass over the training split.
         seed: seed of weights, shuffling and augmentation.
+        image_size: training / evaluation side; default: the recipe's
+            (224 for recipes without one).
 
     Returns:
         `(model, history)`.
     """
     rec = get_recipe(recipe)
-    for name, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+    if isinstance(variant, dict):
+        if weights is not None:
+            raise ValueError(
+                "Pretrained weights belong to the variants 's', 'm' and 'l'; a model built from an architecture "
+                f"dict trains from scratch. Received: variant={variant!r}, weights={weights!r}"
+            )
+        config, variant = dict(variant), None
+    else:
+        config = variant_config(variant)
+    checks = (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch),
+              ("image_size", image_size))  # fmt: skip
+    for name, value in checks:
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     train_source, num_classes = data.load_split(dataset, train_split, data_dir)
@@ -378,8 +394,7 @@ def run(
     keras.utils.set_random_seed(seed)
     if mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision)
-    size = rec.image_size or 224
-    config = variant_config(variant)
+    size = image_size or rec.image_size or 224
     eval_size = int(eval_source.cardinality())
     # The scope comes first: joining a multi-process JAX job must precede the first JAX computation, and
     # the pipelines' Keras augmentation layers already create variables.

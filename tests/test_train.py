@@ -44,6 +44,8 @@ def test_unknown_recipe():
         ({"epochs": 0}, "`epochs` must be a positive integer. Received: epochs=0"),
         ({"epochs": -1}, "Received: epochs=-1"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer. Received: batch_size=0"),
+        ({"image_size": 0}, "`image_size` must be a positive integer. Received: image_size=0"),
+        ({"variant": {"layers": (1, 1)}, "weights": "imagenet"}, "a model built from an architecture dict trains"),
     ],
 )
 def test_run_refuses_counts_that_would_never_finish_or_train_nothing(kwargs, message):
@@ -62,6 +64,51 @@ def test_run_refuses_a_single_class_dataset(tmp_path):
         Image.new("RGB", (16, 16)).save(tmp_path / split / "only" / "0.png")
     with pytest.raises(ValueError, match="has 1 class; a classifier needs at least 2"):
         train.run(f"folder:{tmp_path}", recipe="fashion_mnist")
+
+
+@needs_fashion_mnist
+@pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="labels come from the backend-independent tf.data pipeline; checked in the PyTorch pass, where the "
+    "training step needs no graph building (12 s there, about 60 s on TensorFlow)",
+)
+def test_validation_accuracy_of_a_folder_run_equals_a_count_image_by_image(tmp_path):
+    """A validation split lacking a training class: the accuracy `run` reports equals a direct count.
+
+    Real images (Fashion-MNIST test photos) written as a folder dataset; each
+    validation image's expected label is the index of its folder's name among
+    the training split's sorted class names. Before, the validation split
+    numbered its own classes, so "Pullover" was scored as the second class.
+    """
+    from PIL import Image
+    import tensorflow as tf
+
+    _, (images, labels) = data.load_fashion_mnist()
+    names = ["Pullover", "Sandal", "Trouser"]  # training classes, sorted; validation lacks "Sandal"
+    classes = {"Pullover": 2, "Sandal": 5, "Trouser": 1}
+    for split, count, kept in (("train", 24, names), ("validation", 12, ["Pullover", "Trouser"])):
+        for name in kept:
+            (tmp_path / split / name).mkdir(parents=True)
+            offset = 0 if split == "train" else 500
+            for k, index in enumerate(np.flatnonzero(labels == classes[name])[offset : offset + count]):
+                Image.fromarray(images[index].squeeze()).save(tmp_path / split / name / f"{k}.png")
+
+    with pytest.warns(UserWarning, match=r"has no images of the classes \['Sandal'\]"):
+        model, history = train.run(
+            f"folder:{tmp_path}", variant=dict(TINY), recipe="fashion_mnist", batch_size=8, epochs=1,
+            steps_per_epoch=4, image_size=32, output_dir=str(tmp_path / "run"),
+        )  # fmt: skip
+    batch, expected, alone = [], [], []
+    for name in ("Pullover", "Trouser"):
+        for file in sorted(os.listdir(tmp_path / "validation" / name)):
+            image = tf.io.decode_image(tf.io.read_file(str(tmp_path / "validation" / name / file)), channels=3)
+            batch.append(data.eval_transform(tf.cast(image, tf.float32), 32).numpy())
+            expected.append(names.index(name))
+            alone.append(["Pullover", "Trouser"].index(name))  # the label the validation split alone would give
+    predicted = np.argmax(keras.ops.convert_to_numpy(model.predict_on_batch(np.stack(batch))), axis=-1)
+    correct, shifted = np.sum(predicted == expected), np.sum(predicted == alone)
+    assert correct != shifted, "the model must tell the classes apart for this check to mean anything"
+    assert history.history["val_accuracy"][-1] == pytest.approx(correct / 24, abs=1e-6)
 
 
 @needs_fashion_mnist
