@@ -207,8 +207,12 @@ def fetch_checkpoint(variant: str) -> str:
         raise
 
 
-class CacheNotWritableError(PermissionError):
-    """The weights cache cannot be written where a download or a conversion must go."""
+class CacheNotWritableError(PermissionError, ValueError):
+    """The weights cache cannot be written where a download or a conversion must go.
+
+    A `PermissionError` (what the file system said) and a `ValueError` (a setting the user can change:
+    the command-line tool reports it in one line).
+    """
 
 
 @contextlib.contextmanager

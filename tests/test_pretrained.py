@@ -229,6 +229,7 @@ def test_read_only_cache_empty_says_what_to_do_without_a_request(hub, monkeypatc
     assert f"weights cache {home / 'models' / 'keras_sequencer'} is not writable" in message
     assert "Set KERAS_HOME to a writable folder" in message
     assert hub.requests == []  # nothing fetched that could not be kept
+    assert isinstance(info.value, ValueError)  # a setting to change: the command-line tool prints one line
 
 
 @pytest.mark.backend_agnostic
