@@ -45,14 +45,30 @@ def _convert(args) -> int:
     import keras_sequencer as ks
     from keras_sequencer.models.weights import save_weights
 
-    if not args.out.endswith(".weights.h5"):
+    if (args.out is None) == (args.preset is None):
+        raise ValueError("Give one of --out FILE.weights.h5 (Keras weights) or --preset DIR (a keras-hub preset).")
+    if args.out is not None and not args.out.endswith(".weights.h5"):
         raise ValueError(f"--out must end with .weights.h5 (Keras' weights format). Received: --out {args.out}")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out) or not os.path.isdir(folder):
+    target = args.out or args.preset
+    folder = os.path.dirname(os.path.abspath(target))
+    if args.out is not None and (os.path.isdir(args.out) or not os.path.isdir(folder)):
         problem = "is a folder" if os.path.isdir(args.out) else f"is in {folder}, which does not exist"
         raise ValueError(f"--out must be a file path in an existing folder; {args.out} {problem}.")
+    if args.preset is not None:
+        if not os.path.isdir(folder):
+            raise ValueError(f"--preset {args.preset} is in {folder}, which does not exist; create it first.")
+        if os.path.exists(args.preset) and (not os.path.isdir(args.preset) or os.listdir(args.preset)):
+            raise ValueError(f"--preset {args.preset} already exists and is not an empty folder; choose another.")
     if args.source != "imagenet" and not os.path.isfile(args.source):
         raise ValueError(f"The checkpoint {args.source} does not exist (or is a folder). Received: {args.source!r}")
+    if args.preset is not None:
+        from keras_sequencer.models.backbone import KERAS_HUB_AVAILABLE
+
+        if not KERAS_HUB_AVAILABLE:  # checked before the conversion: the preset is written by keras-hub's saver
+            raise ValueError("--preset writes through keras-hub: pip install 'keras-sequencer[hub]'.")
+        path = ks.convert_to_preset(args.source, args.variant, args.preset)
+        print(f"converted Sequencer2D-{args.variant.upper()} -> preset {path} (model card: {path}/README.md)")
+        return 0
     # Building the variant with the checkpoint converts it strictly: every tensor used once, shapes checked.
     model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.source, classifier_activation=None)
     save_weights(model, args.out, variant_config(args.variant))
@@ -239,10 +255,11 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=_COUNT, default=None)
     p.set_defaults(run=_train)
 
-    p = commands.add_parser("convert", help="convert a timm / authors' checkpoint to a Keras .weights.h5")
+    p = commands.add_parser("convert", help="convert a timm / authors' checkpoint to a .weights.h5 or a preset")
     p.add_argument("source", help="checkpoint: .safetensors, or .pth/.bin (needs torch)")
     p.add_argument("--variant", required=True, choices=["s", "m", "l"])
-    p.add_argument("--out", required=True, help="output path, ending in .weights.h5")
+    p.add_argument("--out", default=None, help="output path, ending in .weights.h5")
+    p.add_argument("--preset", default=None, help="or: a new folder for a keras-hub preset with its model card")
     p.set_defaults(run=_convert)
 
     p = commands.add_parser("predict", help="top-k ImageNet classes of image files")

@@ -88,6 +88,13 @@ class EvalConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+    @property
+    def scale_offset(self) -> tuple[list[float], list[float]]:
+        """`(scale, offset)` with `x * scale + offset == (x / 255 - mean) / std` for RGB `x` in [0, 255]."""
+        scale = [1.0 / (255.0 * s) for s in self.std]
+        offset = [-m / s for m, s in zip(self.mean, self.std, strict=True)]
+        return scale, offset
+
 
 IMAGENET_EVAL = EvalConfig()
 

@@ -39,10 +39,16 @@ def check_weights_path(weights) -> None:
         raise ValueError(
             f"`weights` must be None, 'imagenet' or the path to a weights file. Received: weights={weights!r}"
         )
+    if os.path.isdir(text):
+        raise ValueError(
+            f"The folder {text} has no config.json, so it is not a preset; pass a preset folder or a weights file. "
+            f"Received: weights={weights!r}"
+        )
     if not (text.endswith(".weights.h5") or text.endswith(CHECKPOINT_SUFFIXES)):
         raise ValueError(
-            "`weights` must be None, 'imagenet', or a path to a Keras `.weights.h5` file or a "
-            f"timm / authors' checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}). Received: weights={weights!r}"
+            "`weights` must be None, 'imagenet', or a path to a Keras `.weights.h5` file, a "
+            f"timm / authors' checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a preset folder. "
+            f"Received: weights={weights!r}"
         )
     if not os.path.isfile(text):
         raise ValueError(f"The weights file does not exist. Received: weights={weights!r}")

@@ -4,10 +4,11 @@ import os
 
 import keras
 
-from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock, token_mixing
+from keras_sequencer.models import preset_io
+from keras_sequencer.models.backbone import Sequencer2DBackbone, validate_architecture
 from keras_sequencer.models.sequencer2d_model import Sequencer2DModel
 from keras_sequencer.models.weights import load_weights
-from keras_sequencer.presets import ABLATIONS, CHECKPOINTS, IMAGENET_EVAL, VARIANTS, variant_config
+from keras_sequencer.presets import ABLATIONS, CHECKPOINTS, VARIANTS, variant_config
 from keras_sequencer.pretrained import check_weights_path
 
 _REFERENCE = (
@@ -32,34 +33,20 @@ def _validate(
     variant,
     implementation,
     layer_norm_epsilon,
+    architecture,
+    name,
 ):
     """Checks every argument before a weight is built or a file is fetched."""
-    arch = {
-        "layers": layers,
-        "patch_sizes": patch_sizes,
-        "embed_dims": embed_dims,
-        "hidden_sizes": hidden_sizes,
-        "mlp_ratios": mlp_ratios,
-    }
-    for arg, value in arch.items():
-        if not isinstance(value, (list, tuple)) or len(value) == 0:
-            raise ValueError(f"`{arg}` must be a non-empty list, one entry per stage. Received: {arg}={value!r}")
-    for arg in ("layers", "patch_sizes", "embed_dims", "hidden_sizes"):
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in arch[arg]):
-            raise ValueError(f"`{arg}` must hold positive ints, one per stage. Received: {arg}={arch[arg]!r}")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in mlp_ratios):
-        raise ValueError(f"`mlp_ratios` must hold positive numbers. Received: mlp_ratios={mlp_ratios!r}")
-    if not isinstance(layer_norm_epsilon, int | float) or not layer_norm_epsilon > 0:
-        raise ValueError(
-            f"`layer_norm_epsilon` must be a positive number. Received: layer_norm_epsilon={layer_norm_epsilon!r}"
-        )
-    lengths = {arg: len(value) for arg, value in arch.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(
-            "`layers`, `patch_sizes`, `embed_dims`, `hidden_sizes` and `mlp_ratios` must all have "
-            "one entry per stage. Received: " + ", ".join(f"{k}={v!r}" for k, v in arch.items())
-        )
-    token_mixing.check_implementation(implementation)
+    validate_architecture(
+        layers=layers,
+        patch_sizes=patch_sizes,
+        embed_dims=embed_dims,
+        hidden_sizes=hidden_sizes,
+        mlp_ratios=mlp_ratios,
+        layer_norm_epsilon=layer_norm_epsilon,
+        implementation=implementation,
+        image_shape=input_shape,
+    )
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"`pooling` must be one of None, 'avg' or 'max'. Received: pooling={pooling!r}")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes <= 0:
@@ -82,29 +69,15 @@ def _validate(
                 "With `weights='imagenet'` and `include_top=True`, `classifier_activation` "
                 f"must be None or 'softmax'. Received: classifier_activation={classifier_activation!r}"
             )
+    elif preset_io.is_preset(weights):
+        preset_io.check_architecture(preset_io.read_preset(weights), architecture, name)
     elif weights is not None:
         check_weights_path(weights)
 
-    if input_shape is not None:
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 3:
-            raise ValueError(
-                "`input_shape` must be (height, width, channels), channels last; use None "
-                f"for a size that may vary. Received: input_shape={input_shape}"
-            )
-        if weights == "imagenet" and input_shape[-1] != 3:
-            raise ValueError(
-                f"With `weights='imagenet'` the input must have 3 (RGB) channels. Received: input_shape={input_shape}"
-            )
-        min_side = 1
-        for p in patch_sizes:
-            min_side *= p
-        for side in input_shape[:2]:
-            if side is not None and side < min_side:
-                raise ValueError(
-                    f"Images must be at least {min_side}x{min_side} pixels (the product of "
-                    f"`patch_sizes`). Received: input_shape={input_shape}"
-                )
+    if weights == "imagenet" and input_shape is not None and tuple(input_shape)[-1] != 3:
+        raise ValueError(
+            f"With `weights='imagenet'` the input must have 3 (RGB) channels. Received: input_shape={input_shape}"
+        )
     if classifier_activation is not None:
         keras.activations.get(classifier_activation)  # raises on an unknown name
 
@@ -150,8 +123,10 @@ def Sequencer2D(
         mlp_ratios: MLP width multiple of each stage; default 3 everywhere.
         include_top: whether to add the pooling and classification head.
         weights: None (random init), `"imagenet"` (variants only), or a path
-            to a Keras `.weights.h5` file or a timm / authors' checkpoint
-            (`.safetensors`; `.pth`/`.bin` when torch is installed).
+            to a Keras `.weights.h5` file, a timm / authors' checkpoint
+            (`.safetensors`; `.pth`/`.bin` when torch is installed) or a
+            preset directory of the same architecture (`load_preset` builds
+            whatever a preset holds).
         input_tensor: optional Keras tensor to use as the model input.
         input_shape: `(height, width, 3)`; the default `(None, None, 3)`
             accepts any size of at least the product of `patch_sizes` (14).
@@ -212,58 +187,44 @@ def Sequencer2D(
         variant=variant,
         implementation=implementation,
         layer_norm_epsilon=layer_norm_epsilon,
+        architecture={
+            "layers": layers,
+            "patch_sizes": patch_sizes,
+            "embed_dims": embed_dims,
+            "hidden_sizes": hidden_sizes,
+            "mlp_ratios": mlp_ratios,
+            "rnn_type": rnn_type,
+            "bidirectional": bidirectional,
+            "union": union,
+            "with_fc": with_fc,
+            "mixer": mixer,
+        },
+        name=name,
     )
 
-    # === Input ===
-    if input_shape is None:
-        input_shape = (None, None, 3)
-    if input_tensor is None:
-        inputs = keras.Input(shape=input_shape, name="images")
-    elif keras.backend.is_keras_tensor(input_tensor):
-        inputs = input_tensor
-    else:
-        inputs = keras.Input(tensor=input_tensor, shape=input_shape, name="images")
+    # === Backbone === (its layers become this model's layers: the same names and weights layout)
+    backbone = Sequencer2DBackbone(
+        layers=layers,
+        patch_sizes=patch_sizes,
+        embed_dims=embed_dims,
+        hidden_sizes=hidden_sizes,
+        mlp_ratios=mlp_ratios,
+        image_shape=input_shape,
+        include_preprocessing=include_preprocessing,
+        drop_path_rate=drop_path_rate,
+        layer_norm_epsilon=layer_norm_epsilon,
+        implementation=implementation,
+        rnn_type=rnn_type,
+        bidirectional=bidirectional,
+        union=union,
+        with_fc=with_fc,
+        mixer=mixer,
+        input_tensor=input_tensor,
+        name=f"{name}_backbone",
+    )
+    x = backbone.output
 
-    # === Layers ===
-    x = inputs
-    if include_preprocessing:
-        channels = x.shape[-1]
-        if channels != 3:
-            raise ValueError(
-                "`include_preprocessing=True` normalises RGB images and needs 3 channels; "
-                f"pass include_preprocessing=False for other inputs. Received: input_shape={tuple(x.shape[1:])}"
-            )
-        x = keras.layers.Normalization(
-            mean=[255.0 * m for m in IMAGENET_EVAL.mean],
-            variance=[(255.0 * s) ** 2 for s in IMAGENET_EVAL.std],
-            name="preprocessing",
-        )(x)
-
-    total_blocks = sum(layers)
-    block_index = 0
-    for stage, depth in enumerate(layers):
-        x = PatchEmbed(
-            embed_dims[stage], patch_sizes[stage], name="stem" if stage == 0 else f"stage{stage}_downsample"
-        )(x)
-        for block in range(depth):
-            # The authors' linear ramp; timm uses one rate for all blocks.
-            rate = drop_path_rate * block_index / max(total_blocks - 1, 1)
-            x = Sequencer2DBlock(
-                hidden_sizes[stage],
-                mlp_ratio=mlp_ratios[stage],
-                drop_path_rate=rate,
-                layer_norm_epsilon=layer_norm_epsilon,
-                implementation=implementation,
-                rnn_type=rnn_type,
-                bidirectional=bidirectional,
-                union=union,
-                with_fc=with_fc,
-                mixer=mixer,
-                name=f"stage{stage}_block{block}",
-            )(x)
-            block_index += 1
-    x = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="norm")(x)
-
+    # === Head ===
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         # Under a mixed policy (e.g. "mixed_bfloat16") the head computes in float32, as Keras' mixed-precision
@@ -277,8 +238,7 @@ def Sequencer2D(
         x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
 
     # === Functional Model ===
-    model_inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else inputs
-    model = Sequencer2DModel(model_inputs, x, name=name)
+    model = Sequencer2DModel(backbone.input, x, name=name)
 
     # === Weights ===
     if weights is not None:

@@ -1,4 +1,4 @@
-"""Sequencer2DModel: the functional model `Sequencer2D` returns."""
+"""Sequencer2DModel, the functional model `Sequencer2D` returns, and the input checks it shares with the backbone."""
 
 import math
 import warnings
@@ -9,22 +9,18 @@ from keras_sequencer.layers import PatchEmbed
 from keras_sequencer.layers.token_mixing import gpu_backs_keras_lstm
 
 
-@keras.saving.register_keras_serializable(package="keras_sequencer")
-class Sequencer2DModel(keras.Model):
-    """A functional Keras model that checks its images before running them.
+class SequencerInputs:
+    """Input checks and TensorFlow's CPU `predict` path, shared by the classifier and the backbone.
 
-    Built by `Sequencer2D` and the variant functions; it behaves like any
-    functional `keras.Model` (`fit`, `predict`, `save`, `.keras` files), and
-    additionally turns a wrong input rank or an image smaller than the
-    network's total patch size into a `ValueError` that says what to pass.
+    Mixed into functional `keras.Model` subclasses: a wrong input rank, a
+    wrong channel count, an empty batch or an image smaller than the
+    network's total patch size becomes a `ValueError` that says what to pass,
+    on every call and before Keras runs anything.
     """
 
-    # The functional signature: Keras then saves the layer graph in `.keras`
-    # files and rebuilds this class from it.
-    def __init__(self, inputs, outputs, name=None, **kwargs):
-        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
+    def _init_inputs(self):
         # The smallest side every stage can still cut into patches; derived from
-        # the graph so `.keras` files need no extra config.
+        # the graph so `.keras` files and presets need no extra config.
         self.min_image_size = math.prod(layer.patch_size for layer in self.layers if isinstance(layer, PatchEmbed))
         # TensorFlow without a GPU: compile `predict` with XLA (see `make_predict_function`).
         self.xla_predict_on_cpu = True
@@ -118,3 +114,20 @@ class Sequencer2DModel(keras.Model):
     def call(self, inputs, training=None, mask=None):
         self.check_images(getattr(inputs, "shape", ()))
         return super().call(inputs, training=training, mask=mask)
+
+
+@keras.saving.register_keras_serializable(package="keras_sequencer")
+class Sequencer2DModel(SequencerInputs, keras.Model):
+    """A functional Keras model that checks its images before running them.
+
+    Built by `Sequencer2D` and the variant functions; it behaves like any
+    functional `keras.Model` (`fit`, `predict`, `save`, `.keras` files), and
+    additionally turns a wrong input rank or an image smaller than the
+    network's total patch size into a `ValueError` that says what to pass.
+    """
+
+    # The functional signature: Keras then saves the layer graph in `.keras`
+    # files and rebuilds this class from it.
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
+        self._init_inputs()

@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_sequencer import pretrained
 from keras_sequencer.convert import convert_state_dict
+from keras_sequencer.models import preset_io
 
 
 def assign(model: keras.Model, variables: dict[str, np.ndarray]) -> None:
@@ -172,6 +173,9 @@ def load_weights(model: keras.Model, weights, config: dict, variant: str | None,
         _load_imagenet(model, variant, config, include_top)
         return
     path = os.fspath(weights)
+    if preset_io.is_preset(path):
+        preset_io.load_into(model, preset_io.read_preset(path), include_top)
+        return
     if path.endswith(".weights.h5"):
         _load_keras_weights(model, path, include_top, config)
         return

@@ -1,0 +1,197 @@
+"""Sequencer2D the keras-hub way: an image converter equal to timm's eval transform, a preprocessor, a classifier.
+
+Needs keras-hub (`pip install "keras-sequencer[hub]"`); the rest of the package
+does not. Importing `keras_sequencer` registers the classes with Keras, so
+keras-hub's own loaders find them:
+
+>>> import keras_sequencer, keras_hub
+>>> classifier = keras_hub.models.ImageClassifier.from_preset("./sequencer2d_s_imagenet")
+>>> classifier.predict(raw_uint8_images)  # resized, cropped and normalised by the preprocessor
+
+`classifier(x)` on already preprocessed images skips the preprocessor, as
+with every keras-hub task; `fit`, `predict` and `evaluate` apply it.
+"""
+
+import keras
+from keras import ops
+import numpy as np
+
+from keras_sequencer.models.backbone import KERAS_HUB_AVAILABLE, Sequencer2DBackbone
+from keras_sequencer.presets import IMAGENET_EVAL
+
+if not KERAS_HUB_AVAILABLE:
+    raise ImportError(
+        "keras_sequencer.hub needs keras-hub: pip install 'keras-sequencer[hub]'. The rest of keras_sequencer "
+        "(models, presets through keras_sequencer.load_preset) works without it."
+    )
+
+import keras_hub  # noqa: E402
+
+_SCALE, _OFFSET = IMAGENET_EVAL.scale_offset
+
+
+@keras.saving.register_keras_serializable(package="keras_sequencer")
+class Sequencer2DImageConverter(keras_hub.layers.ImageConverter):
+    """timm's eval transform as a keras-hub image converter, on any backend and inside tf.data.
+
+    Resizes each image so that its short side is `int(size / crop_pct)` and
+    the long side keeps the aspect ratio, takes the central `image_size` crop
+    and maps [0, 255] RGB to `(x / 255 - mean) / std`: torchvision's
+    `Resize`, `CenterCrop` and `Normalize` as timm evaluates Sequencer2D
+    (resize 256 bicubic, centre crop 224, ImageNet mean and std). 8-bit images
+    are rounded to 8 bits after resizing, as PIL does. Setting `image_size`
+    keeps `crop_pct`.
+
+    Args:
+        image_size: `(height, width)` of the output, or None to leave the size
+            (then no resize and no crop).
+        crop_pct: fraction of the resized image the crop keeps.
+        scale, offset, interpolation, antialias: as in keras-hub's
+            `ImageConverter`; the defaults are the ImageNet normalisation and
+            antialiased bicubic resizing (what PIL does for timm).
+    """
+
+    backbone_cls = Sequencer2DBackbone
+
+    def __init__(
+        self,
+        image_size=(IMAGENET_EVAL.input_size, IMAGENET_EVAL.input_size),
+        crop_pct: float = IMAGENET_EVAL.crop_pct,
+        scale=_SCALE,
+        offset=_OFFSET,
+        interpolation: str = IMAGENET_EVAL.interpolation,
+        antialias: bool = True,
+        **kwargs,
+    ):
+        if not isinstance(crop_pct, int | float) or not 0 < crop_pct <= 1:
+            raise ValueError(f"`crop_pct` must be in (0, 1]. Received: crop_pct={crop_pct!r}")
+        kwargs.pop("crop_to_aspect_ratio", None)  # the short side sets the scale; the crop does the rest
+        super().__init__(
+            image_size=image_size,
+            scale=scale,
+            offset=offset,
+            interpolation=interpolation,
+            antialias=antialias,
+            crop_to_aspect_ratio=False,
+            **kwargs,
+        )
+        self.crop_pct = float(crop_pct)
+
+    def _call_python(self, inputs):
+        if isinstance(inputs, dict):
+            raise ValueError(
+                "Sequencer2DImageConverter takes images only (a batch, one image or a list of images); "
+                "bounding boxes are not supported."
+            )
+        if isinstance(inputs, (list, tuple)):
+            try:
+                inputs = np.stack([np.asarray(image) for image in inputs])
+            except ValueError:  # images of different sizes: one at a time
+                return [self._call_python(image) for image in inputs]
+        if type(inputs).__module__.startswith("tensorflow"):  # inside tf.data, whatever the backend
+            return self._convert_tf(inputs)
+        x = ops.convert_to_tensor(inputs)
+        if self.image_size is not None:
+            x = self._resize_and_crop(x)
+        return self._normalise(ops.cast(x, self.compute_dtype))
+
+    def _normalise(self, x):
+        if self.scale is not None:
+            scale = self._expand_non_channel_dims(self.scale, x)
+            x, scale = self._convert_types(x, scale, x.dtype)
+            x = x * scale
+        if self.offset is not None:
+            offset = self._expand_non_channel_dims(self.offset, x)
+            x, offset = self._convert_types(x, offset, x.dtype)
+            x = x + offset
+        return x
+
+    def _output_size(self, height, width):
+        """torchvision's `Resize(int(size / crop_pct))`: the short side to that length, the aspect ratio kept."""
+        short = int(min(self.image_size) / self.crop_pct)
+        if height <= width:
+            return short, int(short * width / height)
+        return int(short * height / width), short
+
+    def _resize_and_crop(self, x):
+        """`Resize` then `CenterCrop` as timm evaluates, in Keras ops on the backend."""
+        channels_first = self.data_format == "channels_first"
+        height_axis = -2 if channels_first else -3
+        size = self._output_size(x.shape[height_axis], x.shape[height_axis + 1])
+        integer = "int" in str(x.dtype)
+        x = ops.image.resize(
+            ops.cast(x, "float32"),
+            size,
+            interpolation=self.interpolation,
+            antialias=self.antialias,
+            data_format=self.data_format,
+        )
+        if integer:  # PIL resizes 8-bit images to 8 bits: rounded and clipped
+            x = ops.clip(ops.round(x), 0, 255)
+        crop_height, crop_width = self.image_size
+        top = int(round((size[0] - crop_height) / 2.0))  # CenterCrop's rounding
+        left = int(round((size[1] - crop_width) / 2.0))
+        if channels_first:
+            return x[..., top : top + crop_height, left : left + crop_width]
+        return x[..., top : top + crop_height, left : left + crop_width, :]
+
+    def _convert_tf(self, x):
+        """The same in TensorFlow ops, inside tf.data, where an image's size may be known only when it runs."""
+        import tensorflow as tf
+
+        if self.image_size is not None:
+            if self.data_format == "channels_first":
+                raise ValueError("Inside tf.data the converter takes channels-last images.")
+            integer = x.dtype.is_integer
+            crop_height, crop_width = self.image_size
+            height, width = x.shape[-3], x.shape[-2]
+            if height is not None and width is not None:
+                size = self._output_size(height, width)
+                top = int(round((size[0] - crop_height) / 2.0))
+                left = int(round((size[1] - crop_width) / 2.0))
+            else:
+                short = int(min(self.image_size) / self.crop_pct)
+                dynamic = tf.cast(tf.shape(x), tf.float64)
+                height, width = dynamic[-3], dynamic[-2]
+                long_side = tf.cast(tf.floor(short * tf.maximum(height, width) / tf.minimum(height, width)), tf.int32)
+                size = tf.where(height <= width, tf.stack([short, long_side]), tf.stack([long_side, short]))
+                # tf.round rounds half to even, as Python's round does in the static case
+                top = tf.cast(tf.round(tf.cast(size[0] - crop_height, tf.float64) / 2.0), tf.int32)
+                left = tf.cast(tf.round(tf.cast(size[1] - crop_width, tf.float64) / 2.0), tf.int32)
+            x = tf.image.resize(tf.cast(x, tf.float32), size, method=self.interpolation, antialias=self.antialias)
+            if integer:
+                x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
+            x = x[..., top : top + crop_height, left : left + crop_width, :]
+        return self._normalise(tf.cast(x, self.compute_dtype))
+
+    def get_config(self):
+        config = super().get_config()
+        config["crop_pct"] = self.crop_pct
+        config.pop("crop_to_aspect_ratio", None)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_sequencer")
+class Sequencer2DImageClassifierPreprocessor(keras_hub.models.ImageClassifierPreprocessor):
+    """keras-hub's image-classifier preprocessor with `Sequencer2DImageConverter` (timm's eval transform)."""
+
+    backbone_cls = Sequencer2DBackbone
+    image_converter_cls = Sequencer2DImageConverter
+
+
+@keras.saving.register_keras_serializable(package="keras_sequencer")
+class Sequencer2DImageClassifier(keras_hub.models.ImageClassifier):
+    """A keras-hub `ImageClassifier` on a `Sequencer2DBackbone`: average pooling and a Dense head (logits).
+
+    The same computation as `Sequencer2D(..., classifier_activation=None)`
+    with timm's eval transform in front when a preprocessor is set.
+
+    Example:
+    >>> backbone = keras_sequencer.Sequencer2DBackbone(**keras_sequencer.presets.variant_config("s"))
+    >>> classifier = Sequencer2DImageClassifier(
+    ...     backbone, num_classes=10, preprocessor=Sequencer2DImageClassifierPreprocessor(Sequencer2DImageConverter()))
+    >>> classifier.fit(raw_images, labels)
+    """
+
+    backbone_cls = Sequencer2DBackbone
+    preprocessor_cls = Sequencer2DImageClassifierPreprocessor

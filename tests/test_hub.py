@@ -1,0 +1,179 @@
+"""Presets and keras-hub: Sequencer2D through keras-hub's own loaders, against timm, on every backend.
+
+keras-hub is an optional extra: scripts/test.sh runs these (marked `hub`) in
+passes of their own after installing it; every other test runs without it.
+"""
+
+import json
+import os
+import shutil
+
+from conftest import BACKEND, normalise, run_cli, run_python, timm_logits, timm_model, tiny_model, to_numpy
+import keras
+import numpy as np
+import pytest
+
+import keras_sequencer as ks
+
+keras_hub = pytest.importorskip("keras_hub", reason="keras-hub is an optional extra: pip install -e '.[hub]'")
+pytestmark = pytest.mark.hub
+
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field")
+
+
+def _photos(names=PHOTOS) -> list[np.ndarray]:
+    """Real RGB photos of several sizes and aspect ratios (scikit-image ships them)."""
+    from skimage import data
+
+    photos = [getattr(data, name)() for name in names]
+    return [(photo[0] if isinstance(photo, tuple) else photo)[..., :3] for photo in photos]
+
+
+@pytest.fixture(scope="module")
+def s_preset(tmp_path_factory):
+    """A preset of Sequencer2D-S made by the command line from a perturbed timm checkpoint."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("s_preset")
+    checkpoint = folder / "model.safetensors"
+    save_file({k: v.numpy().copy() for k, v in timm_model("s").state_dict().items()}, checkpoint)
+    preset = folder / "sequencer2d_s"
+    result = run_cli("convert", checkpoint, "--variant", "s", "--preset", preset)
+    assert result.returncode == 0, result.stderr
+    return str(preset)
+
+
+def _timm_features(images_nhwc):
+    import torch
+
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+        return timm_model("s").forward_features(x).numpy()
+
+
+def test_preset_from_timm_equals_timm_through_keras_hub_and_this_package(s_preset):
+    images = np.random.RandomState(1).randint(0, 256, (2, 56, 70, 3)).astype(np.uint8)
+    expected = timm_logits("s", normalise(images))
+
+    classifier = keras_hub.models.ImageClassifier.from_preset(s_preset)
+    assert type(classifier).__name__ == "Sequencer2DImageClassifier"
+    # Called directly a keras-hub task skips its preprocessor: the network alone, on normalised images.
+    np.testing.assert_allclose(to_numpy(classifier(normalise(images))), expected, rtol=0, atol=1e-5)
+
+    backbone = keras_hub.models.Backbone.from_preset(s_preset)
+    assert isinstance(backbone, ks.Sequencer2DBackbone)
+    np.testing.assert_allclose(to_numpy(backbone(normalise(images))), _timm_features(normalise(images)), atol=1e-5)
+    stages = ks.feature_extractor(backbone)(normalise(images))
+    assert [tuple(v.shape[1:]) for v in stages.values()] == [(8, 10, 192), (4, 5, 384), (4, 5, 384), (4, 5, 384)]
+
+    model = ks.load_preset(s_preset, classifier_activation=None)  # this package's own loader
+    np.testing.assert_allclose(to_numpy(model.predict_on_batch(images.astype("float32"))), expected, atol=1e-5)
+
+    card = open(os.path.join(s_preset, "README.md")).read()
+    # Keras' LSTM has one bias where PyTorch's has two that add up (bias_ih + bias_hh): one fewer per gate.
+    timm_params = sum(p.numel() for name, p in timm_model("s").named_parameters() if "bias_hh" not in name)
+    assert f"| Parameters | {timm_params:,} |" in card
+    assert f"{ks.CHECKPOINTS['s'].top1:.3f} %" in card and "license: apache-2.0" in card
+    metadata = json.load(open(os.path.join(s_preset, "metadata.json")))
+    assert metadata["keras_sequencer"]["variant"] == "s" and metadata["parameter_count"] == timm_params - 1000 * 385
+
+
+def test_raw_photos_through_the_preprocessor_give_timms_top5(s_preset):
+    """keras-hub's `predict` on raw uint8 photos (its preprocessor) against timm's eval transform and model."""
+    from PIL import Image
+    import timm.data
+    import torch
+
+    reference = timm_model("s")
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=reference))
+    classifier = keras_hub.models.ImageClassifier.from_preset(s_preset)
+    converter = classifier.preprocessor.image_converter
+    for photo in _photos():
+        pixels = transform(Image.fromarray(photo))
+        # The converter is torchvision's resize, crop and normalisation up to the resampling kernels' rounding.
+        difference = np.abs(to_numpy(converter(photo[None]))[0] - pixels.numpy().transpose(1, 2, 0))
+        assert difference.mean() < 0.01 and difference.max() < 0.2, (photo.shape, difference.mean(), difference.max())
+        with torch.no_grad():
+            expected = reference(pixels[None]).numpy()[0]
+        logits = to_numpy(classifier.predict(photo[None], verbose=0))[0]
+        assert list(np.argsort(-logits)[:5]) == list(np.argsort(-expected)[:5]), photo.shape
+        np.testing.assert_allclose(logits, expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_fit_on_real_photos_lowers_the_loss(tmp_path):
+    model = tiny_model(classes=3)
+    preset = ks.save_preset(model, tmp_path / "tiny")
+    classifier = keras_hub.models.ImageClassifier.from_preset(preset, num_classes=4)  # a new head, the same body
+    classifier.preprocessor.image_size = (32, 32)
+    photos = np.stack([photo[:200, :240] for photo in _photos()[:4]])  # raw uint8, resized by the preprocessor
+    labels = np.arange(4)
+    classifier.compile(optimizer=keras.optimizers.Adam(3e-3),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+    history = classifier.fit(photos, labels, batch_size=4, epochs=15, verbose=0)
+    assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+    np.testing.assert_array_equal(to_numpy(classifier.predict(photos, verbose=0)).argmax(-1), labels)
+
+
+@pytest.mark.backend_agnostic
+def test_a_preset_survives_save_load_save_byte_stable(tmp_path):
+    first = ks.save_preset(tiny_model(classes=3), tmp_path / "first")
+    second = ks.save_preset(keras_hub.models.ImageClassifier.from_preset(first), tmp_path / "second")
+    for file in ("config.json", "task.json", "preprocessor.json", "image_converter.json"):
+        with open(os.path.join(first, file), "rb") as a, open(os.path.join(second, file), "rb") as b:
+            assert a.read() == b.read(), file
+    third = ks.load_preset(second, classifier_activation=None)
+    images = np.random.RandomState(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(third.predict_on_batch(images)),
+        to_numpy(tiny_model(classes=3).predict_on_batch(images)),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.backend_agnostic
+def test_bad_presets_say_what_is_wrong(s_preset, tmp_path):
+    with pytest.raises(ValueError, match=r"is Sequencer2D-S with layers=\(4, 3, 8, 3\); model 'sequencer2d_m' has "):
+        ks.Sequencer2DM(weights=s_preset)
+
+    broken = shutil.copytree(s_preset, tmp_path / "no_weights")
+    os.remove(broken / "model.weights.h5")
+    with pytest.raises(ValueError, match="has no model.weights.h5 .*incomplete"):
+        ks.load_preset(broken)
+
+    newer = shutil.copytree(s_preset, tmp_path / "newer")
+    metadata = json.load(open(newer / "metadata.json"))
+    metadata["keras_sequencer"]["format_version"] = 99
+    json.dump(metadata, open(newer / "metadata.json", "w"))
+    with pytest.raises(ValueError, match="preset format 99; this keras-sequencer reads format 1 and older. Upgrade"):
+        ks.load_preset(newer)
+
+    with pytest.raises(ValueError, match="already exists and is not an empty folder"):
+        ks.save_preset(tiny_model(), s_preset)
+    result = run_cli("convert", "x.safetensors", "--variant", "s", "--preset", s_preset)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_presets_load_without_keras_hub(s_preset, tmp_path):
+    """With keras-hub hidden, the package imports, loads the preset exactly, and says what writing needs."""
+    images = np.random.RandomState(3).randint(0, 256, (1, 42, 42, 3)).astype(np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "expected.npy", timm_logits("s", normalise(images)))
+    code = f"""
+import sys
+sys.modules["keras_hub"] = None  # as if keras-hub were not installed
+import numpy as np
+import keras_sequencer as ks
+assert not ks.models.backbone.KERAS_HUB_AVAILABLE and "tensorflow_text" not in sys.modules
+model = ks.load_preset({s_preset!r}, classifier_activation=None)
+images = np.load({str(tmp_path / "images.npy")!r})
+np.testing.assert_allclose(np.asarray(model.predict_on_batch(images.astype("float32"))),
+                           np.load({str(tmp_path / "expected.npy")!r}), atol=1e-5)
+for attempt in (lambda: __import__("keras_sequencer.hub"), lambda: ks.save_preset(model, {str(tmp_path / "x")!r})):
+    try:
+        attempt()
+        raise AssertionError("no ImportError")
+    except ImportError as error:
+        assert "pip install 'keras-sequencer[hub]'" in str(error), error
+print("ok")
+"""
+    assert run_python(code, backend=BACKEND).strip().endswith("ok")
