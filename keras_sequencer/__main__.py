@@ -217,6 +217,30 @@ def _erf(args) -> int:
     return 0
 
 
+def _grad_cam(args) -> int:
+    import numpy as np
+
+    from keras_sequencer.analysis import grad_cam, plot_grad_cam
+    from keras_sequencer.imagenet import decode_predictions, load_image
+
+    image = load_image(args.image, size=args.size)  # the file is checked before the model is built
+    if os.path.dirname(os.path.abspath(args.output)) and not os.path.isdir(
+        os.path.dirname(os.path.abspath(args.output))
+    ):
+        raise ValueError(f"--output {args.output} is in a folder that does not exist; create it first.")
+    model = _research_model(args)
+    cam, index = grad_cam(model, image.astype(np.float32), class_index=args.class_index, stage=args.stage)
+    label = str(index)
+    if model.outputs[0].shape[-1] == 1000:
+        one_hot = np.zeros((1, 1000), np.float32)
+        one_hot[0, index] = 1.0
+        label = f"{index} {decode_predictions(one_hot, top=1)[0][0][1]}"
+    plot_grad_cam(image, cam, args.output, title=f"Grad-CAM, class {label}, stage {args.stage}")
+    np.save(os.path.splitext(args.output)[0] + ".npy", cam)
+    print(f"wrote {args.output} (+ .npy): class {label}")
+    return 0
+
+
 def _manifest(args) -> int:
     from keras_sequencer.presets import manifest
 
@@ -315,7 +339,8 @@ def main(argv=None) -> int:
     p.set_defaults(run=_bench_input)
 
     for command, helptext in (("eval-resolution", "accuracy of one checkpoint at several test resolutions (PNG)"),
-                              ("erf", "effective receptive field of a stage, averaged over images (PNG)")):  # fmt: skip
+                              ("erf", "effective receptive field of a stage, averaged over images (PNG)"),
+                              ("grad-cam", "Grad-CAM of a class on a token map, over the image (PNG)")):  # fmt: skip
         p = commands.add_parser(command, help=helptext)
         p.add_argument("--model", default=None, help="a .keras file (taking any size); else --variant/--weights")
         p.add_argument("--variant", choices=("s", "m", "l"), default="s")
@@ -326,7 +351,14 @@ def main(argv=None) -> int:
             p.add_argument("--size", type=_COUNT, default=IMAGENET_EVAL.input_size)
             p.add_argument("--output", default="reports/erf.png")
             p.set_defaults(run=_erf)
-        else:
+        if command == "grad-cam":
+            p.add_argument("image", help="an image file")
+            p.add_argument("--class-index", type=int, default=None, help="class to explain (default: the top one)")
+            p.add_argument("--stage", type=int, default=-1, help="stage index (-1: the last)")
+            p.add_argument("--size", type=_COUNT, default=IMAGENET_EVAL.input_size)
+            p.add_argument("--output", default="reports/grad_cam.png")
+            p.set_defaults(run=_grad_cam)
+        if command == "eval-resolution":
             p.add_argument("--dataset", required=True, help="tfds:NAME (prepared), folder:PATH or fashion_mnist")
             p.add_argument("--split", default=None,
                            help="tfds: required (e.g. validation); folder: a sub-folder of PATH (default: PATH "

@@ -241,3 +241,119 @@ def plot_erf(erf: np.ndarray, path: str, title: str = "Effective receptive field
     fig.savefig(path, dpi=120)
     plt.close(fig)
     np.save(os.path.splitext(path)[0] + ".npy", erf)
+
+
+# ---------------------------------------------------------------------------- Grad-CAM on token maps
+
+
+def _layers_after(model, layer_name: str) -> list:
+    """The layers that follow `layer_name` on the model's single path to its output (a Sequencer is a chain)."""
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    names = [layer.name for layer in layers]
+    following = layers[names.index(layer_name) + 1 :]
+    previous = model.get_layer(layer_name).output
+    for layer in following:
+        if layer.input is not previous:
+            raise ValueError(
+                f"Model {model.name!r} branches after {layer_name!r} (layer {layer.name!r}); Grad-CAM here follows "
+                "Sequencer models, whose layers form one chain."
+            )
+        previous = layer.output
+    if previous is not model.outputs[0] or len(model.outputs) != 1:
+        raise ValueError(f"Model {model.name!r} must end in one classifier output for Grad-CAM.")
+    return following
+
+
+def token_gradient(model, image, class_index: int | None = None, stage: int = -1):
+    """A stage's token map and the gradient of one class score with respect to it, on any backend.
+
+    Args:
+        model: a Sequencer classifier of this package (a `.keras` file of one too).
+        image: one image `(height, width, channels)` as the model takes it.
+        class_index: the class whose score (the head's output, before or after
+            its activation as the model gives it) is differentiated; None for
+            the model's top class.
+        stage: which stage's output (`stage_info(model)` order; -1 = last).
+
+    Returns:
+        `(tokens, gradient, class_index)`: two `(h, w, channels)` arrays and the class.
+    """
+    info = stage_info(model)
+    try:
+        chosen = info[stage]
+    except IndexError:
+        raise ValueError(f"`stage` must index one of {[i['name'] for i in info]}. Received: stage={stage}") from None
+    head_layers = _layers_after(model, chosen["layer"])
+    tokens = keras.Model(model.input, model.get_layer(chosen["layer"]).output)(np.asarray(image, "float32")[None])
+    tokens = keras.ops.convert_to_numpy(tokens)
+
+    def head(x):
+        for layer in head_layers:
+            x = layer(x, training=False) if "training" in layer.call.__code__.co_varnames else layer(x)
+        return x
+
+    if class_index is None:
+        class_index = int(np.argmax(keras.ops.convert_to_numpy(head(keras.ops.convert_to_tensor(tokens)))[0]))
+    classes = head_layers[-1].output.shape[-1]
+    if not isinstance(class_index, int) or not 0 <= class_index < classes:
+        raise ValueError(f"`class_index` must be in [0, {classes}). Received: class_index={class_index!r}")
+
+    def score(x):
+        return keras.ops.sum(head(x)[:, class_index])
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(tokens)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = score(x)
+        gradient = tape.gradient(value, x).numpy()
+    elif backend == "torch":
+        x = keras.ops.convert_to_tensor(tokens).detach().requires_grad_(True)
+        score(x).backward()
+        gradient = x.grad.detach().cpu().numpy()
+    elif backend == "jax":
+        import jax
+
+        gradient = np.asarray(jax.grad(score)(tokens))
+    else:
+        raise ValueError(f"token_gradient supports the tensorflow, jax and torch backends. Received: {backend}")
+    return tokens[0], gradient[0], class_index
+
+
+def grad_cam(model, image, class_index: int | None = None, stage: int = -1):
+    """Grad-CAM of a Sequencer's token map: where in the image a class's evidence sits, at the stage's resolution.
+
+    Each channel of the stage's token map is weighted by the mean gradient of
+    the class score over the tokens; the weighted sum, through a ReLU and
+    scaled to [0, 1], is the map (Selvaraju et al., 2017, on the token map in
+    place of a CNN's last convolution). Works on every backend.
+
+    Returns:
+        `(cam, class_index)`: a `(h, w)` array in [0, 1] (h, w: the stage's
+        token grid) and the class it explains.
+    """
+    tokens, gradient, class_index = token_gradient(model, image, class_index, stage)
+    weights = gradient.mean(axis=(0, 1))
+    cam = np.maximum((tokens * weights).sum(axis=-1), 0.0)
+    peak = cam.max()
+    return (cam / peak if peak > 0 else cam), class_index
+
+
+def plot_grad_cam(image_uint8: np.ndarray, cam: np.ndarray, path: str, title: str = "Grad-CAM"):
+    """Writes the image with the map over it (bilinear upsampling, 'jet', half transparent) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height, width = image_uint8.shape[:2]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5 * height / width))
+    ax.imshow(image_uint8)
+    ax.imshow(cam, cmap="jet", alpha=0.5, extent=(0, width, height, 0), interpolation="bilinear", vmin=0, vmax=1)
+    ax.set(title=title, xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

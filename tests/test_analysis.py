@@ -110,3 +110,67 @@ def test_count_macs_equals_torch_flop_counter_on_timm_and_the_papers_flops(varia
         count_macs(variant, 230)
     with pytest.raises(ValueError, match="BiLSTM2D mixer only"):
         count_macs({**VARIANTS["s"], "rnn_type": "gru"})
+
+
+def _photo_0_255(size):
+    import skimage.data
+    from skimage.transform import resize
+
+    return (resize(skimage.data.chelsea(), (size, size), anti_aliasing=True) * 255).astype("float32")
+
+
+@pytest.mark.parametrize("stage", [1, -1])
+def test_grad_cam_gradient_equals_finite_differences_on_a_photo(stage):
+    from conftest import tiny_model
+
+    from keras_sequencer.analysis import grad_cam, token_gradient
+
+    model = tiny_model(classes=5)
+    image = _photo_0_255(32)
+    tokens, gradient, index = token_gradient(model, image, stage=stage)
+    logits = to_numpy(model.predict_on_batch(image[None]))[0]
+    assert index == int(np.argmax(logits)) and tokens.shape == gradient.shape
+
+    # The layers after the stage, applied in order, reproduce the model's logits from the token map.
+    names = [layer.name for layer in model.layers]
+    after = model.layers[names.index(ks.stage_info(model)[stage]["layer"]) + 1 :]
+
+    def head(x):
+        for layer in after:
+            x = layer(x)
+        return to_numpy(x)
+
+    np.testing.assert_allclose(head(tokens[None])[0], logits, rtol=1e-5, atol=1e-5)
+    # Central differences of the class score over every token entry, in float64 steps.
+    eps = 1e-2
+    steps = np.eye(tokens.size).reshape(tokens.size, *tokens.shape) * eps
+    scores = head(np.concatenate([tokens + steps, tokens - steps]).astype("float32"))[:, index]
+    expected = ((scores[: tokens.size] - scores[tokens.size :]) / (2 * eps)).reshape(tokens.shape)
+    np.testing.assert_allclose(gradient, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
+
+    cam, cam_index = grad_cam(model, image, stage=stage)
+    direct = np.maximum((tokens * expected.mean(axis=(0, 1))).sum(-1), 0)
+    assert cam_index == index and cam.shape == tokens.shape[:2] and cam.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(cam, direct / direct.max(), atol=1e-2)
+
+
+@pytest.mark.backend_agnostic
+def test_grad_cam_command_writes_the_overlay_of_its_numbers(tmp_path):
+    from conftest import tiny_model
+    from PIL import Image
+
+    from keras_sequencer.analysis import grad_cam
+    from keras_sequencer.imagenet import load_image
+
+    Image.fromarray(_photo_0_255(48).astype("uint8")).save(tmp_path / "cat.png")
+    model = tiny_model(classes=5)
+    model.save(tmp_path / "tiny.keras")
+    result = run_cli("grad-cam", tmp_path / "cat.png", "--model", tmp_path / "tiny.keras", "--size", 32,
+                     "--class-index", 3, "--output", tmp_path / "cam.png")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class 3" in result.stdout and (tmp_path / "cam.png").stat().st_size > 5_000
+    expected, _ = grad_cam(model, load_image(str(tmp_path / "cat.png"), size=32).astype("float32"), class_index=3)
+    np.testing.assert_allclose(np.load(tmp_path / "cam.npy"), expected, rtol=1e-4, atol=1e-6)
+    bad = run_cli("grad-cam", tmp_path / "cat.png", "--model", tmp_path / "tiny.keras", "--size", 32,
+                  "--class-index", 7, "--output", tmp_path / "cam.png")  # fmt: skip
+    assert bad.returncode == 2 and "class_index` must be in [0, 5)" in bad.stderr and "Traceback" not in bad.stderr
