@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs ruff and the test suite: the whole suite on the TensorFlow backend, then the
-# backend-dependent tests (not marked backend_agnostic) on JAX and on PyTorch; prints the 25 slowest tests.
+# Sets up .venv and runs ruff and the test suite without keras-hub: the whole suite on the TensorFlow backend,
+# then the backend-dependent tests (not marked backend_agnostic) on JAX and on PyTorch. Then it installs
+# keras-hub and runs the tests marked `hub` on each backend. Prints the 25 slowest tests.
 # Tests run in TEST_WORKERS pytest-xdist processes (default: one per core), each limited to one compute
 # thread so that they share the cores instead of fighting over them.
 # Usage: bash scripts/test.sh [extra pytest args]
@@ -16,6 +17,8 @@ pip install -q --upgrade pip || exit 1
 # machines they come from the local package index, without a download).
 pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}" || exit 1
 pip install -q -e ".[test]" || exit 1
+# The main passes run as a user without keras-hub would (it is an optional extra).
+pip uninstall -q -y keras-hub >/dev/null 2>&1
 bash scripts/fashion_mnist.sh  # real data offline (Debian package)
 
 echo "== ruff"
@@ -29,11 +32,26 @@ fi
 reports=$(mktemp -d)
 status=0
 for backend in tensorflow jax torch; do
-    selection=()
-    [ "$backend" = tensorflow ] || selection=(-m "not backend_agnostic")
+    selection=(-m "not hub")
+    [ "$backend" = tensorflow ] || selection=(-m "not backend_agnostic and not hub")
     echo "== pytest, KERAS_BACKEND=$backend ${selection[*]}"
     KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 python -m pytest -p no:cacheprovider -n "$workers" \
         --dist worksteal --junitxml="$reports/$backend.xml" "${selection[@]}" "$@" || status=1
+done
+
+# keras-hub's wheel requires the `tensorflow` distribution, whose modules tensorflow-cpu (installed above, the
+# same version) already provides: keras-hub and tensorflow-text go in without dependencies, their others after.
+echo "== keras-hub"
+pip install -q --no-deps "keras-hub==${KERAS_HUB_VERSION:-0.32.0}" "tensorflow-text==${TF_TEXT_VERSION:-2.21.1}" &&
+    pip install -q regex sentencepiece tokenizers kagglehub "kagglesdk==0.1.28" rich || exit 1
+for backend in tensorflow jax torch; do
+    selection=(-m hub)
+    [ "$backend" = tensorflow ] || selection=(-m "hub and not backend_agnostic")
+    echo "== pytest, KERAS_BACKEND=$backend ${selection[*]}"
+    # One process: the tests share one converted preset per module.
+    KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 OMP_NUM_THREADS=$(nproc) TF_NUM_INTRAOP_THREADS=$(nproc) \
+        XLA_FLAGS= python -m pytest -p no:cacheprovider -p no:xdist --junitxml="$reports/$backend-hub.xml" \
+        "${selection[@]}" "$@" || status=1
 done
 
 echo "== 25 slowest tests (all passes)"

@@ -15,8 +15,13 @@ import pytest
 
 import keras_sequencer as ks
 
-keras_hub = pytest.importorskip("keras_hub", reason="keras-hub is an optional extra: pip install -e '.[hub]'")
 pytestmark = pytest.mark.hub
+
+
+@pytest.fixture(scope="module")
+def keras_hub():
+    return pytest.importorskip("keras_hub", reason="keras-hub is an optional extra: pip install -e '.[hub]'")
+
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field")
 
@@ -30,17 +35,14 @@ def _photos(names=PHOTOS) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def s_preset(tmp_path_factory):
-    """A preset of Sequencer2D-S made by the command line from a perturbed timm checkpoint."""
+def s_preset(tmp_path_factory, keras_hub):
+    """A preset of Sequencer2D-S converted from a perturbed timm checkpoint (`convert --preset`'s function)."""
     from safetensors.numpy import save_file
 
     folder = tmp_path_factory.mktemp("s_preset")
     checkpoint = folder / "model.safetensors"
     save_file({k: v.numpy().copy() for k, v in timm_model("s").state_dict().items()}, checkpoint)
-    preset = folder / "sequencer2d_s"
-    result = run_cli("convert", checkpoint, "--variant", "s", "--preset", preset)
-    assert result.returncode == 0, result.stderr
-    return str(preset)
+    return ks.convert_to_preset(str(checkpoint), "s", folder / "sequencer2d_s")
 
 
 def _timm_features(images_nhwc):
@@ -51,7 +53,7 @@ def _timm_features(images_nhwc):
         return timm_model("s").forward_features(x).numpy()
 
 
-def test_preset_from_timm_equals_timm_through_keras_hub_and_this_package(s_preset):
+def test_preset_from_timm_equals_timm_through_keras_hub_and_this_package(s_preset, keras_hub):
     images = np.random.RandomState(1).randint(0, 256, (2, 56, 70, 3)).astype(np.uint8)
     expected = timm_logits("s", normalise(images))
 
@@ -78,7 +80,7 @@ def test_preset_from_timm_equals_timm_through_keras_hub_and_this_package(s_prese
     assert metadata["keras_sequencer"]["variant"] == "s" and metadata["parameter_count"] == timm_params - 1000 * 385
 
 
-def test_raw_photos_through_the_preprocessor_give_timms_top5(s_preset):
+def test_raw_photos_through_the_preprocessor_give_timms_top5(s_preset, keras_hub):
     """keras-hub's `predict` on raw uint8 photos (its preprocessor) against timm's eval transform and model."""
     from PIL import Image
     import timm.data
@@ -100,7 +102,7 @@ def test_raw_photos_through_the_preprocessor_give_timms_top5(s_preset):
         np.testing.assert_allclose(logits, expected, atol=0.05 * np.abs(expected).max())
 
 
-def test_fit_on_real_photos_lowers_the_loss(tmp_path):
+def test_fit_on_real_photos_lowers_the_loss(tmp_path, keras_hub):
     model = tiny_model(classes=3)
     preset = ks.save_preset(model, tmp_path / "tiny")
     classifier = keras_hub.models.ImageClassifier.from_preset(preset, num_classes=4)  # a new head, the same body
@@ -115,7 +117,7 @@ def test_fit_on_real_photos_lowers_the_loss(tmp_path):
 
 
 @pytest.mark.backend_agnostic
-def test_a_preset_survives_save_load_save_byte_stable(tmp_path):
+def test_a_preset_survives_save_load_save_byte_stable(tmp_path, keras_hub):
     first = ks.save_preset(tiny_model(classes=3), tmp_path / "first")
     second = ks.save_preset(keras_hub.models.ImageClassifier.from_preset(first), tmp_path / "second")
     for file in ("config.json", "task.json", "preprocessor.json", "image_converter.json"):
@@ -150,7 +152,13 @@ def test_bad_presets_say_what_is_wrong(s_preset, tmp_path):
     with pytest.raises(ValueError, match="already exists and is not an empty folder"):
         ks.save_preset(tiny_model(), s_preset)
     result = run_cli("convert", "x.safetensors", "--variant", "s", "--preset", s_preset)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
+    # The command line writes the same preset as the function.
+    result = run_cli("convert", os.path.join(os.path.dirname(s_preset), "model.safetensors"), "--variant", "s",
+                     "--preset", tmp_path / "from_cli")  # fmt: skip
+    assert result.returncode == 0 and "README.md" in result.stdout, result.stderr[-3000:]
+    for file in ("config.json", "task.json", "preprocessor.json"):
+        assert (tmp_path / "from_cli" / file).read_bytes() == open(os.path.join(s_preset, file), "rb").read()
 
 
 def test_presets_load_without_keras_hub(s_preset, tmp_path):

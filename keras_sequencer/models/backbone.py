@@ -213,7 +213,7 @@ class Sequencer2DBackbone(SequencerInputs, _HubBackbone or keras.Model):
         self._init_inputs()
 
         # === Config ===
-        self.stage_outputs = stage_outputs
+        self._stage_outputs = stage_outputs
         self.layers_per_stage = tuple(layers)
         self.patch_sizes = tuple(patch_sizes)
         self.embed_dims = tuple(embed_dims)
@@ -229,6 +229,11 @@ class Sequencer2DBackbone(SequencerInputs, _HubBackbone or keras.Model):
         self.union = union
         self.with_fc = with_fc
         self.mixer = mixer
+
+    @property
+    def stage_outputs(self) -> dict:
+        """`{"stage0": tensor, ...}`: each stage's last block output (symbolic), before the final LayerNorm."""
+        return dict(self._stage_outputs)  # a plain dict (Keras tracks the attribute's own dict)
 
     @property
     def architecture(self) -> dict:
