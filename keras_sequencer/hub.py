@@ -195,3 +195,21 @@ class Sequencer2DImageClassifier(keras_hub.models.ImageClassifier):
 
     backbone_cls = Sequencer2DBackbone
     preprocessor_cls = Sequencer2DImageClassifierPreprocessor
+
+    # Without a preprocessor the images reach the backbone as given: check them before Keras runs anything, as
+    # this package's models do (a check failing inside JAX's predict would leave the model without variables).
+    def _check_raw(self, x):
+        if self.preprocessor is None:
+            self.backbone._check_input(x)
+
+    def predict(self, x, *args, **kwargs):
+        self._check_raw(x)
+        return super().predict(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._check_raw(x)
+        return super().predict_on_batch(x)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_raw(x)
+        return super().evaluate(x, *args, **kwargs)

@@ -37,6 +37,15 @@ IN_PROCESS_CONVERTERS = [
     ),
 ]
 
+# Tests that take minutes (real process groups, whole training runs, scripts): collected first, so that the
+# pytest-xdist workers start them early instead of one worker finishing them alone at the end.
+_LONG_FIRST = ("test_distributed.py", "kill_and_resume", "test_examples.py", "mirrored_strategy", "test_bench.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(part in item.nodeid for part in _LONG_FIRST))  # stable: order kept within
+
+
 # Small architecture for tests that exercise plumbing rather than the paper's sizes.
 TINY = {
     "layers": (2, 1, 1),

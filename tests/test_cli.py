@@ -29,9 +29,7 @@ def test_convert_then_predict(tmp_path):
 
     model = ks.Sequencer2DS(weights=str(out), classifier_activation=None)
     image = np.random.RandomState(0).randint(0, 256, (1, 224, 224, 3)).astype(np.uint8)
-    np.testing.assert_allclose(
-        to_numpy(model.predict_on_batch(image.astype("float32"))), timm_logits("s", normalise(image)), atol=1e-5
-    )
+    np.testing.assert_allclose(to_numpy(model(image.astype("float32"))), timm_logits("s", normalise(image)), atol=1e-5)
 
     Image.fromarray(image[0]).save(tmp_path / "img.png")
     result = run_cli("predict", tmp_path / "img.png", "--weights", out, "--top", "3")

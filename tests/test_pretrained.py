@@ -113,7 +113,7 @@ def test_imagenet_weights_download_verify_convert_cache(hub, monkeypatch):
 
     model = ks.Sequencer2DS(weights="imagenet", classifier_activation=None)
     np.testing.assert_allclose(
-        to_numpy(model.predict_on_batch(images.astype("float32"))), timm_logits("s", normalise(images)), atol=1e-5
+        to_numpy(model(images.astype("float32"))), timm_logits("s", normalise(images)), atol=1e-5
     )
     assert len(hub.requests) == 1
     files = _cache_files()
@@ -246,12 +246,12 @@ def test_read_only_filled_cache_is_used_offline(hub, monkeypatch):
         warnings.simplefilter("always")
         model = ks.Sequencer2DS(weights="imagenet", classifier_activation=None)
     assert not [w for w in caught if "read-only" in str(w.message)]  # the cached conversion is read as it is
-    np.testing.assert_allclose(to_numpy(model.predict_on_batch(images.astype("float32"))), expected, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(model(images.astype("float32"))), expected, atol=1e-5)
 
     os.remove(os.path.join(cache, converted[0]))  # the download alone: converted at load, not kept
     with _read_only(cache), pytest.warns(UserWarning, match="is read-only, so the conversion"):
         model = ks.Sequencer2DS(weights="imagenet", classifier_activation=None)
-    np.testing.assert_allclose(to_numpy(model.predict_on_batch(images.astype("float32"))), expected, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(model(images.astype("float32"))), expected, atol=1e-5)
     assert _cache_files() == ["sequencer2d_s.in1k.safetensors"]
     assert len(hub.requests) == 1
 

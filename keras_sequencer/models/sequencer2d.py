@@ -19,11 +19,7 @@ _REFERENCE = (
 
 def _validate(
     *,
-    layers,
-    patch_sizes,
-    embed_dims,
-    hidden_sizes,
-    mlp_ratios,
+    architecture,
     include_top,
     weights,
     input_shape,
@@ -33,16 +29,11 @@ def _validate(
     variant,
     implementation,
     layer_norm_epsilon,
-    architecture,
     name,
 ):
     """Checks every argument before a weight is built or a file is fetched."""
     validate_architecture(
-        layers=layers,
-        patch_sizes=patch_sizes,
-        embed_dims=embed_dims,
-        hidden_sizes=hidden_sizes,
-        mlp_ratios=mlp_ratios,
+        **{key: architecture[key] for key in ("layers", "patch_sizes", "embed_dims", "hidden_sizes", "mlp_ratios")},
         layer_norm_epsilon=layer_norm_epsilon,
         implementation=implementation,
         image_shape=input_shape,
@@ -172,12 +163,20 @@ def Sequencer2D(
         weights = os.path.expanduser(os.fspath(weights))  # "~/weights/s.weights.h5" as a shell would read it
     if mlp_ratios is None:
         mlp_ratios = (3.0,) * num_stages
+    architecture = {
+        "layers": layers,
+        "patch_sizes": patch_sizes,
+        "embed_dims": embed_dims,
+        "hidden_sizes": hidden_sizes,
+        "mlp_ratios": mlp_ratios,
+        "rnn_type": rnn_type,
+        "bidirectional": bidirectional,
+        "union": union,
+        "with_fc": with_fc,
+        "mixer": mixer,
+    }
     _validate(
-        layers=layers,
-        patch_sizes=patch_sizes,
-        embed_dims=embed_dims,
-        hidden_sizes=hidden_sizes,
-        mlp_ratios=mlp_ratios,
+        architecture=architecture,
         include_top=include_top,
         weights=weights,
         input_shape=input_shape,
@@ -187,38 +186,17 @@ def Sequencer2D(
         variant=variant,
         implementation=implementation,
         layer_norm_epsilon=layer_norm_epsilon,
-        architecture={
-            "layers": layers,
-            "patch_sizes": patch_sizes,
-            "embed_dims": embed_dims,
-            "hidden_sizes": hidden_sizes,
-            "mlp_ratios": mlp_ratios,
-            "rnn_type": rnn_type,
-            "bidirectional": bidirectional,
-            "union": union,
-            "with_fc": with_fc,
-            "mixer": mixer,
-        },
         name=name,
     )
 
     # === Backbone === (its layers become this model's layers: the same names and weights layout)
     backbone = Sequencer2DBackbone(
-        layers=layers,
-        patch_sizes=patch_sizes,
-        embed_dims=embed_dims,
-        hidden_sizes=hidden_sizes,
-        mlp_ratios=mlp_ratios,
+        **architecture,
         image_shape=input_shape,
         include_preprocessing=include_preprocessing,
         drop_path_rate=drop_path_rate,
         layer_norm_epsilon=layer_norm_epsilon,
         implementation=implementation,
-        rnn_type=rnn_type,
-        bidirectional=bidirectional,
-        union=union,
-        with_fc=with_fc,
-        mixer=mixer,
         input_tensor=input_tensor,
         name=f"{name}_backbone",
     )
