@@ -16,6 +16,7 @@
 """
 
 import json
+import operator
 import os
 
 import keras
@@ -250,6 +251,16 @@ def _layers_after(model, layer_name: str) -> list:
     """The layers that follow `layer_name` on the model's single path to its output (a Sequencer is a chain)."""
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     names = [layer.name for layer in layers]
+    if layer_name not in names:
+        raise ValueError(
+            f"Model {model.name!r} holds its blocks inside a nested model (a keras-hub task?): pass a classifier of "
+            "this package (keras_sequencer.load_preset gives one for a preset)."
+        )
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+        raise ValueError(
+            f"Model {model.name!r} must end in one classifier output (batch, classes) for Grad-CAM; "
+            "a headless model has no class score."
+        )
     following = layers[names.index(layer_name) + 1 :]
     previous = model.get_layer(layer_name).output
     for layer in following:
@@ -259,7 +270,7 @@ def _layers_after(model, layer_name: str) -> list:
                 "Sequencer models, whose layers form one chain."
             )
         previous = layer.output
-    if previous is not model.outputs[0] or len(model.outputs) != 1:
+    if previous is not model.outputs[0]:
         raise ValueError(f"Model {model.name!r} must end in one classifier output for Grad-CAM.")
     return following
 
@@ -270,9 +281,10 @@ def token_gradient(model, image, class_index: int | None = None, stage: int = -1
     Args:
         model: a Sequencer classifier of this package (a `.keras` file of one too).
         image: one image `(height, width, channels)` as the model takes it.
-        class_index: the class whose score (the head's output, before or after
-            its activation as the model gives it) is differentiated; None for
-            the model's top class.
+        class_index: the class whose score (the head's logit: a softmax or
+            other activation of the last Dense is left out, so saturated
+            probabilities do not flatten the gradient) is differentiated; None
+            for the model's top class.
         stage: which stage's output (`stage_info(model)` order; -1 = last).
 
     Returns:
@@ -287,15 +299,26 @@ def token_gradient(model, image, class_index: int | None = None, stage: int = -1
     tokens = keras.Model(model.input, model.get_layer(chosen["layer"]).output)(np.asarray(image, "float32")[None])
     tokens = keras.ops.convert_to_numpy(tokens)
 
+    last = head_layers[-1]
+    logits_of_dense = isinstance(last, keras.layers.Dense) and last.activation is not keras.activations.linear
+
     def head(x):
-        for layer in head_layers:
+        for layer in head_layers[:-1] if logits_of_dense else head_layers:
             x = layer(x, training=False) if "training" in layer.call.__code__.co_varnames else layer(x)
+        if logits_of_dense:  # the Dense without its activation: the logit
+            x = keras.ops.matmul(x, last.kernel) + last.bias if last.use_bias else keras.ops.matmul(x, last.kernel)
         return x
 
     if class_index is None:
         class_index = int(np.argmax(keras.ops.convert_to_numpy(head(keras.ops.convert_to_tensor(tokens)))[0]))
-    classes = head_layers[-1].output.shape[-1]
-    if not isinstance(class_index, int) or not 0 <= class_index < classes:
+    classes = last.output.shape[-1]
+    try:
+        class_index = operator.index(class_index)
+    except TypeError:
+        raise ValueError(
+            f"`class_index` must be an int in [0, {classes}). Received: class_index={class_index!r}"
+        ) from None
+    if not 0 <= class_index < classes:
         raise ValueError(f"`class_index` must be in [0, {classes}). Received: class_index={class_index!r}")
 
     def score(x):
@@ -311,9 +334,12 @@ def token_gradient(model, image, class_index: int | None = None, stage: int = -1
             value = score(x)
         gradient = tape.gradient(value, x).numpy()
     elif backend == "torch":
-        x = keras.ops.convert_to_tensor(tokens).detach().requires_grad_(True)
-        score(x).backward()
-        gradient = x.grad.detach().cpu().numpy()
+        import torch
+
+        with torch.enable_grad():
+            x = keras.ops.convert_to_tensor(tokens).detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(score(x), x)  # the token map's only: the parameters' stay untouched
+        gradient = gradient.detach().cpu().numpy()
     elif backend == "jax":
         import jax
 

@@ -30,6 +30,14 @@ import keras_hub  # noqa: E402
 _SCALE, _OFFSET = IMAGENET_EVAL.scale_offset
 
 
+def _check_square(image_size):
+    if image_size is not None and (len(tuple(image_size)) != 2 or image_size[0] != image_size[1]):
+        raise ValueError(
+            "Sequencer2DImageConverter makes square crops, as timm's eval transform does (short side, then a "
+            f"centre crop): image_size must be (n, n). Received: image_size={image_size!r}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_sequencer")
 class Sequencer2DImageConverter(keras_hub.layers.ImageConverter):
     """timm's eval transform as a keras-hub image converter, on any backend and inside tf.data.
@@ -66,6 +74,8 @@ class Sequencer2DImageConverter(keras_hub.layers.ImageConverter):
         if not isinstance(crop_pct, int | float) or not 0 < crop_pct <= 1:
             raise ValueError(f"`crop_pct` must be in (0, 1]. Received: crop_pct={crop_pct!r}")
         kwargs.pop("crop_to_aspect_ratio", None)  # the short side sets the scale; the crop does the rest
+        kwargs["data_format"] = "channels_last"  # what the backbone takes, whatever Keras' global setting
+        _check_square(image_size)
         super().__init__(
             image_size=image_size,
             scale=scale,
@@ -76,6 +86,16 @@ class Sequencer2DImageConverter(keras_hub.layers.ImageConverter):
             **kwargs,
         )
         self.crop_pct = float(crop_pct)
+
+    @property
+    def image_size(self):
+        """Settable `(n, n)`: the side of the centre crop; the resize before it follows `crop_pct`."""
+        return keras_hub.layers.ImageConverter.image_size.fget(self)
+
+    @image_size.setter
+    def image_size(self, value):
+        _check_square(value)
+        keras_hub.layers.ImageConverter.image_size.fset(self, value)
 
     def _call_python(self, inputs):
         if isinstance(inputs, dict):
@@ -139,9 +159,12 @@ class Sequencer2DImageConverter(keras_hub.layers.ImageConverter):
         """The same in TensorFlow ops, inside tf.data, where an image's size may be known only when it runs."""
         import tensorflow as tf
 
+        if isinstance(x, tf.RaggedTensor):
+            raise ValueError(
+                "Sequencer2DImageConverter got images of different sizes in one batch; pass them one at a time "
+                "(or a tf.data pipeline of single images) and batch after the converter."
+            )
         if self.image_size is not None:
-            if self.data_format == "channels_first":
-                raise ValueError("Inside tf.data the converter takes channels-last images.")
             integer = x.dtype.is_integer
             crop_height, crop_width = self.image_size
             height, width = x.shape[-3], x.shape[-2]

@@ -142,7 +142,8 @@ def cache_dir() -> str:
     return os.path.join(_keras_home(), CACHE_SUBDIR)
 
 
-def _sha256(path: str) -> str:
+def sha256_of(path: str) -> str:
+    """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -257,7 +258,7 @@ def _download(filename: str, url: str, sha256: str | None) -> str:
     directory = cache_dir()
     final = os.path.join(directory, filename)
     if os.path.exists(final):
-        if sha256 is None or _sha256(final) == sha256:
+        if sha256 is None or sha256_of(final) == sha256:
             return final  # reading needs no write access: a read-only cache works
         with _writing_to_cache(directory, f"replace the damaged {filename}"):
             remove(final)  # replaced or damaged: fetch it again
@@ -292,5 +293,5 @@ def converted_path(source: str, variant: str) -> str:
     The name carries the first 12 hex digits of the source's sha256, so a
     replaced source never reuses an old conversion.
     """
-    digest = _sha256(source)
+    digest = sha256_of(source)
     return os.path.join(os.path.dirname(source), f"{CHECKPOINTS[variant].tag}-{digest[:12]}.weights.h5")

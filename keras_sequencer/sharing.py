@@ -23,6 +23,7 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_sequencer import pretrained
 from keras_sequencer.analysis import count_macs
 from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock
 from keras_sequencer.models import Sequencer2D, Sequencer2DBackbone, create_model, preset_io
@@ -161,6 +162,28 @@ def _hub_classifier(model: keras.Model, eval_config: EvalConfig):
         ) from None
     if model.get_layer("norm").output is not model.get_layer("avg_pool").input:
         raise ValueError(f"Model {model.name!r} is not Sequencer2D's classifier (norm -> avg_pool -> predictions).")
+    # The preset's preprocessor normalises with `eval_config`; the network must take exactly what that gives.
+    before_stem = []
+    for layer in model.layers:
+        if isinstance(layer, PatchEmbed):
+            break
+        if not isinstance(layer, keras.layers.InputLayer):
+            before_stem.append(layer)
+    mean, std = np.asarray(eval_config.mean) * 255.0, np.asarray(eval_config.std) * 255.0
+    normalises = (
+        len(before_stem) == 1
+        and isinstance(before_stem[0], keras.layers.Normalization)
+        and np.allclose(np.ravel(keras.ops.convert_to_numpy(before_stem[0].mean)), mean, rtol=1e-6)
+        and np.allclose(np.ravel(keras.ops.convert_to_numpy(before_stem[0].variance)), std**2, rtol=1e-6)
+    )
+    if not normalises:
+        found = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in before_stem) or "none"
+        raise ValueError(
+            f"Model {model.name!r} must take [0, 255] RGB and normalise it with the mean and std of `eval_config` "
+            f"(include_preprocessing=True), which the preset's preprocessor then does in its place; its layers "
+            f"before the stem: {found}. Rebuild it that way (without input_tensor) and copy the weights, or pass "
+            "the eval_config its inputs were normalised with."
+        )
     backbone = Sequencer2DBackbone(**architecture_of(model), name=f"{model.name}_backbone")
     for layer in backbone.layers:
         if layer.weights:
@@ -189,6 +212,7 @@ def save_preset(
     *,
     variant: str | None = None,
     source: str | None = None,
+    published: bool = False,
     eval_config: EvalConfig = IMAGENET_EVAL,
 ) -> str:
     """Writes a classifier as a preset directory (keras-hub layout, model card included); returns the path.
@@ -201,11 +225,14 @@ def save_preset(
         model: a classifier of this package (`Sequencer2D...`, a `.keras` file
             of one) or a `keras_sequencer.hub.Sequencer2DImageClassifier`.
         path: the preset directory to create.
-        variant: "s", "m" or "l" when the weights are that variant's
-            published checkpoint (the card then cites its ImageNet top-1).
+        variant: "s", "m" or "l" when the model is that variant.
         source: where the weights came from (a checkpoint file name, a
             training run), for the card.
-        eval_config: the eval transform of the preprocessor.
+        published: the weights are the variant's published ImageNet
+            checkpoint, verified (the card then cites its top-1 and licence).
+        eval_config: the eval transform of the preprocessor, and the
+            normalisation the model's own preprocessing layer must have.
+            A keras-hub classifier keeps its own preprocessor.
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -215,6 +242,8 @@ def save_preset(
         raise ValueError(f"The folder {parent} (where the preset goes) does not exist; create it first.")
     classifier = _hub_classifier(model, eval_config)
     architecture = architecture_of(classifier.backbone)
+    if published and variant is None:
+        raise ValueError("`published=True` needs the `variant` whose checkpoint the weights are.")
     if variant is not None:
         variant = str(variant).lower().removeprefix("sequencer2d_")
         if variant not in VARIANTS:
@@ -237,12 +266,16 @@ def save_preset(
             "version": _package_version(),
             "variant": variant,
             "source": source,
+            "published_weights": published,
         }
         with open(metadata_file, "w", encoding="utf-8") as f:
             f.write(json.dumps(metadata, indent=4))
         with open(os.path.join(scratch, preset_io.CARD_FILE), "w", encoding="utf-8") as f:
-            f.write(model_card(classifier, architecture, variant=variant, source=source, eval_config=eval_config,
+            f.write(model_card(classifier, architecture, variant=variant, source=source, published=published,
                                name=os.path.basename(path)))  # fmt: skip
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(scratch, 0o777 & ~umask)  # mkdtemp's folder is private; a preset is for sharing
         if os.path.isdir(path):
             os.rmdir(path)  # empty, checked above
         os.replace(scratch, path)
@@ -261,7 +294,14 @@ def convert_to_preset(source: str, variant: str, path) -> str:
     """
     variant = str(variant).lower().removeprefix("sequencer2d_")
     model = create_model(f"sequencer2d_{variant}", weights=source, classifier_activation=None)
-    return save_preset(model, path, variant=variant, source=os.path.basename(os.fspath(source)))
+    checkpoint = CHECKPOINTS[variant]
+    # The card cites the published accuracy only for the published file: the one download verifies, or a local
+    # copy with its sha256 (M's hash was never published, so a local M file is described by name only).
+    published = source == "imagenet" or (
+        checkpoint.sha256 is not None and pretrained.sha256_of(os.fspath(source)) == checkpoint.sha256
+    )
+    name = checkpoint.filename if source == "imagenet" else os.path.basename(os.fspath(source))
+    return save_preset(model, path, variant=variant, source=name, published=published)
 
 
 # === Model card ===
@@ -271,14 +311,22 @@ def _table(rows) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)])
 
 
-def model_card(
-    classifier, architecture: dict, *, variant=None, source=None, eval_config: EvalConfig = IMAGENET_EVAL, name="preset"
-) -> str:
+def _eval_of(classifier) -> EvalConfig | None:
+    """The eval transform a keras-hub classifier's preprocessor applies, or None without one."""
+    converter = getattr(classifier.preprocessor, "image_converter", None)
+    if converter is None or converter.image_size is None:
+        return None
+    std = [1.0 / (255.0 * s) for s in converter.scale]
+    mean = [-o * d for o, d in zip(converter.offset, std, strict=True)]
+    return EvalConfig(converter.image_size[0], converter.crop_pct, converter.interpolation, tuple(mean), tuple(std))
+
+
+def model_card(classifier, architecture: dict, *, variant=None, source=None, published=False, name="preset") -> str:
     """The preset's README.md: what the model is, its size and cost, its accuracy where published, and usage."""
-    checkpoint = CHECKPOINTS.get(variant) if variant else None
+    checkpoint = CHECKPOINTS.get(variant) if variant and published else None
     title = f"Sequencer2D-{variant.upper()}" if variant else "Sequencer2D"
-    size, crop = eval_config.input_size, eval_config.crop_pct
-    resize = int(size / crop)
+    eval_config = _eval_of(classifier)
+    size = eval_config.input_size if eval_config else IMAGENET_EVAL.input_size
     params = classifier.count_params()
     paper_options = all(architecture[k] == v for k, v in preset_io.OPTION_DEFAULTS.items())
     rows = [
@@ -299,16 +347,30 @@ def model_card(
                                 f"{checkpoint.license}"))  # fmt: skip
     elif source:
         rows.append(("Weights", f"from `{source}`"))
-    rows += [
-        ("Classes", f"{classifier.num_classes} (logits out)"),
-        ("Input", f"RGB images of any size; the preprocessor makes them {size}x{size}. The network itself takes "
-                  f"any size of at least {int(np.prod(architecture['patch_sizes']))}x"
-                  f"{int(np.prod(architecture['patch_sizes']))}"),
-        ("Eval transform", f"resize the short side to {resize} ({eval_config.interpolation}, antialiased), centre "
-                           f"crop {size}x{size}, scale to [0, 1], normalise with mean {eval_config.mean} and std "
-                           f"{eval_config.std} (timm's eval transform)"),
-        ("Backends", "TensorFlow, JAX and PyTorch (Keras 3)"),
-    ]  # fmt: skip
+    side = int(np.prod(architecture["patch_sizes"]))
+    if eval_config is None:
+        rows += [
+            ("Classes", f"{classifier.num_classes} (logits out)"),
+            ("Input", f"normalised RGB of any size of at least {side}x{side}; no preprocessor is saved"),
+        ]
+    else:
+        mean = tuple(round(m, 4) for m in eval_config.mean)
+        std = tuple(round(s, 4) for s in eval_config.std)
+        rows += [
+            ("Classes", f"{classifier.num_classes} (logits out)"),
+            (
+                "Input",
+                f"RGB images of any size; the preprocessor makes them {size}x{size}. The network itself "
+                f"takes any size of at least {side}x{side}",
+            ),
+            (
+                "Eval transform",
+                f"resize the short side to {int(size / eval_config.crop_pct)} "
+                f"({eval_config.interpolation}, antialiased), centre crop {size}x{size}, scale to "
+                f"[0, 1], normalise with mean {mean} and std {std} (timm's eval transform)",
+            ),
+        ]
+    rows.append(("Backends", "TensorFlow, JAX and PyTorch (Keras 3)"))  # fmt: skip
     licence = checkpoint.license if checkpoint else "apache-2.0"
     return f"""---
 library_name: keras-hub

@@ -51,7 +51,9 @@ for backend in tensorflow jax torch; do
     # One process: the tests share one converted preset per module.
     KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 OMP_NUM_THREADS=$(nproc) TF_NUM_INTRAOP_THREADS=$(nproc) \
         XLA_FLAGS= python -m pytest -p no:cacheprovider -p no:xdist --junitxml="$reports/$backend-hub.xml" \
-        "${selection[@]}" "$@" || status=1
+        "${selection[@]}" "$@"
+    code=$?
+    [ $code -eq 0 ] || [ $code -eq 5 ] || status=1  # 5: arguments that select no hub test
 done
 
 echo "== 25 slowest tests (all passes)"

@@ -148,6 +148,10 @@ def test_grad_cam_gradient_equals_finite_differences_on_a_photo(stage):
     expected = ((scores[: tokens.size] - scores[tokens.size :]) / (2 * eps)).reshape(tokens.shape)
     np.testing.assert_allclose(gradient, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
 
+    # A softmax head is differentiated at its logit: the same gradient as the logits model with these weights.
+    softmax = tiny_model(classes=5, classifier_activation="softmax")
+    np.testing.assert_allclose(token_gradient(softmax, image, stage=stage)[1], gradient, rtol=1e-5, atol=1e-7)
+
     cam, cam_index = grad_cam(model, image, stage=stage)
     direct = np.maximum((tokens * expected.mean(axis=(0, 1))).sum(-1), 0)
     assert cam_index == index and cam.shape == tokens.shape[:2] and cam.max() == pytest.approx(1.0)
@@ -173,4 +177,5 @@ def test_grad_cam_command_writes_the_overlay_of_its_numbers(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "cam.npy"), expected, rtol=1e-4, atol=1e-6)
     bad = run_cli("grad-cam", tmp_path / "cat.png", "--model", tmp_path / "tiny.keras", "--size", 32,
                   "--class-index", 7, "--output", tmp_path / "cam.png")  # fmt: skip
-    assert bad.returncode == 2 and "class_index` must be in [0, 5)" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "class_index` must be an int in [0, 5)" in bad.stderr
+    assert "Traceback" not in bad.stderr

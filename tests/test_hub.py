@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 
-from conftest import normalise, run_cli, run_python, timm_logits, timm_model, tiny_model, to_numpy
+from conftest import TINY, normalise, run_cli, run_python, timm_logits, timm_model, tiny_model, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -74,10 +74,11 @@ def test_preset_from_timm_equals_timm_through_keras_hub_and_this_package(s_prese
     card = open(os.path.join(s_preset, "README.md")).read()
     # Keras' LSTM has one bias where PyTorch's has two that add up (bias_ih + bias_hh): one fewer per gate.
     timm_params = sum(p.numel() for name, p in timm_model("s").named_parameters() if "bias_hh" not in name)
-    assert f"| Parameters | {timm_params:,} |" in card
-    assert f"{ks.CHECKPOINTS['s'].top1:.3f} %" in card and "license: apache-2.0" in card
+    assert f"| Parameters | {timm_params:,} |" in card and "| Weights | from `model.safetensors` |" in card
+    assert "ImageNet-1k top-1" not in card  # a perturbed file is not the published checkpoint
     metadata = json.load(open(os.path.join(s_preset, "metadata.json")))
-    assert metadata["keras_sequencer"]["variant"] == "s" and metadata["parameter_count"] == timm_params - 1000 * 385
+    assert metadata["keras_sequencer"]["variant"] == "s" and not metadata["keras_sequencer"]["published_weights"]
+    assert metadata["parameter_count"] == timm_params - 1000 * 385
 
 
 def test_raw_photos_through_the_preprocessor_give_timms_top5(s_preset, keras_hub):
@@ -164,6 +165,14 @@ def test_bad_presets_say_what_is_wrong(s_preset, tmp_path):
 
     with pytest.raises(ValueError, match="already exists and is not an empty folder"):
         ks.save_preset(tiny_model(), s_preset)
+    # A model that does not normalise the way the preset's preprocessor will is refused, not saved wrong.
+    with pytest.raises(ValueError, match=r"layers before the stem: none"):
+        ks.save_preset(tiny_model(include_preprocessing=False), tmp_path / "unnormalised")
+    inputs = keras.Input((32, 32, 3))
+    rescaled = ks.Sequencer2D(**TINY, weights=None, input_tensor=keras.layers.Rescaling(1 / 255)(inputs))
+    with pytest.raises(ValueError, match=r"layers before the stem: rescaling\w* \(Rescaling\), preprocessing"):
+        ks.save_preset(rescaled, tmp_path / "rescaled")
+    assert not os.path.exists(tmp_path / "unnormalised") and not os.path.exists(tmp_path / "rescaled")
     result = run_cli("convert", "x.safetensors", "--variant", "s", "--preset", s_preset)
     assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
     # The command line writes the same preset as the function.
@@ -200,3 +209,36 @@ for attempt in (lambda: __import__("keras_sequencer.hub"), lambda: ks.save_prese
 print("ok")
 """
     assert run_python(code).strip().endswith("ok")
+
+
+@pytest.mark.backend_agnostic
+def test_the_card_cites_the_published_accuracy_only_for_the_published_file(s_preset, tmp_path, monkeypatch):
+    import dataclasses
+
+    from keras_sequencer import pretrained
+
+    checkpoint = os.path.join(os.path.dirname(s_preset), "model.safetensors")
+    # Pretend this file is the one published for S: its hash pinned in the registry.
+    published = dataclasses.replace(ks.CHECKPOINTS["s"], sha256=pretrained.sha256_of(checkpoint))
+    monkeypatch.setitem(ks.CHECKPOINTS, "s", published)
+    card = open(os.path.join(ks.convert_to_preset(checkpoint, "s", tmp_path / "p"), "README.md")).read()
+    assert f"| ImageNet-1k top-1 | {published.top1:.3f} % at 224x224" in card
+    assert f"timm `{published.tag}` ({published.hub_repo})" in card and "license: apache-2.0" in card
+
+
+@pytest.mark.backend_agnostic
+def test_the_converter_inside_tf_data_equals_the_direct_call(keras_hub):
+    """In tf.data (keras-hub's route for fit / predict) image sizes may be unknown; the result is the same."""
+    import tensorflow as tf
+
+    from keras_sequencer.hub import Sequencer2DImageConverter
+
+    converter = Sequencer2DImageConverter(image_size=(64, 64))
+    photos = _photos()[:4]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(photos), output_signature=tf.TensorSpec((None, None, 3), tf.uint8)
+    ).map(converter)
+    for photo, converted in zip(photos, dataset, strict=True):
+        np.testing.assert_allclose(converted.numpy(), to_numpy(converter(photo[None]))[0], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"square crops.*Received: image_size=\(64, 80\)"):
+        converter.image_size = (64, 80)

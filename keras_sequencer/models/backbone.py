@@ -11,6 +11,7 @@ store a backbone's config. When keras-hub is installed the class is a
 
 import importlib.util
 import math
+import warnings
 
 import keras
 
@@ -25,7 +26,14 @@ def _keras_hub_backbone():
         return None
     try:
         from keras_hub.models import Backbone
-    except ImportError:  # a broken install: the core package works without it
+    except ImportError:  # hidden or half installed: the core package works without it
+        return None
+    except Exception as error:  # noqa: BLE001 (a broken install must not break this package's import)
+        warnings.warn(
+            f"keras-hub is installed but does not import ({type(error).__name__}: {error}); Sequencer2DBackbone is a "
+            "plain keras.Model and keras_sequencer.hub is unavailable. Reinstall keras-hub to use them.",
+            stacklevel=2,
+        )
         return None
     return Backbone
 
