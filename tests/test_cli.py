@@ -127,7 +127,7 @@ def test_file_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, c
         (["convert", str(tmp_path / "weights.npz"), "--variant", "s", "--out", str(tmp_path / "no" / "s.weights.h5")],
          "which does not exist"),
         (["convert", str(tmp_path / "weights.npz"), "--variant", "s", "--out", str(tmp_path / "s.weights.h5")],
-         "a Keras `.weights.h5` file or a timm / authors' checkpoint (.safetensors"),
+         "a Keras `.weights.h5` file, a timm / authors' checkpoint (.safetensors"),
         (["export", str(tmp_path / "m.keras"), "--output", str(tmp_path / "m.tflite"), "--quantize", "int8",
           "--calibration", str(tmp_path / "missing.npy")], "missing.npy does not exist"),
         (["export", str(tmp_path / "m.keras"), "--output", str(tmp_path / "m.tflite")], "m.keras does not exist"),
