@@ -312,14 +312,13 @@ def token_gradient(model, image, class_index: int | None = None, stage: int = -1
     if class_index is None:
         class_index = int(np.argmax(keras.ops.convert_to_numpy(head(keras.ops.convert_to_tensor(tokens)))[0]))
     classes = last.output.shape[-1]
+    given = class_index
     try:
-        class_index = operator.index(class_index)
+        class_index = operator.index(class_index)  # ints, NumPy ints
     except TypeError:
-        raise ValueError(
-            f"`class_index` must be an int in [0, {classes}). Received: class_index={class_index!r}"
-        ) from None
+        class_index = -1
     if not 0 <= class_index < classes:
-        raise ValueError(f"`class_index` must be in [0, {classes}). Received: class_index={class_index!r}")
+        raise ValueError(f"`class_index` must be an int in [0, {classes}). Received: class_index={given!r}")
 
     def score(x):
         return keras.ops.sum(head(x)[:, class_index])
