@@ -24,7 +24,7 @@ import numpy as np
 
 from keras_sequencer.data import eval_transform
 from keras_sequencer.models.features import stage_info
-from keras_sequencer.presets import IMAGENET_EVAL, variant_config
+from keras_sequencer.presets import IMAGENET_EVAL, PAPER_MIXER, variant_config
 
 # ---------------------------------------------------------------------------- cost
 
@@ -52,8 +52,7 @@ def count_macs(variant="s", image_size: int = 224, include_lstm: bool = True, nu
         int, multiply-accumulates (one MAC = two floating-point operations).
     """
     config = variant_config(variant) if isinstance(variant, str) else dict(variant)
-    options = {"rnn_type": "lstm", "bidirectional": True, "union": "cat", "with_fc": True, "mixer": "2d"}
-    changed = {k: config[k] for k, default in options.items() if config.get(k, default) != default}
+    changed = {k: config[k] for k, default in PAPER_MIXER.items() if config.get(k, default) != default}
     if changed:
         raise ValueError(f"count_macs covers the paper's BiLSTM2D mixer only. Received options: {changed}")
     side, channels, macs = int(image_size), 3, 0

@@ -27,6 +27,10 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+# The paper's token mixer: the options of `Sequencer2D` / `BiLSTM2D` at their defaults (the ablations change them).
+PAPER_MIXER = {"rnn_type": "lstm", "bidirectional": True, "union": "cat", "with_fc": True, "mixer": "2d"}
+
+
 def variant_config(variant: str) -> dict:
     """Returns the architecture config of a variant ("s", "m" or "l"; "sequencer2d_s" works too)."""
     key = str(variant).lower().removeprefix("sequencer2d_").removeprefix("sequencer2d")

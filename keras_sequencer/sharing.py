@@ -28,7 +28,7 @@ from keras_sequencer.analysis import count_macs
 from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock
 from keras_sequencer.models import Sequencer2D, Sequencer2DBackbone, create_model, preset_io
 from keras_sequencer.models.backbone import KERAS_HUB_AVAILABLE
-from keras_sequencer.presets import CHECKPOINTS, IMAGENET_EVAL, VARIANTS, EvalConfig
+from keras_sequencer.presets import CHECKPOINTS, IMAGENET_EVAL, PAPER_MIXER, VARIANTS, EvalConfig
 
 _PAPER = "https://arxiv.org/abs/2205.01972"
 
@@ -328,7 +328,7 @@ def model_card(classifier, architecture: dict, *, variant=None, source=None, pub
     eval_config = _eval_of(classifier)
     size = eval_config.input_size if eval_config else IMAGENET_EVAL.input_size
     params = classifier.count_params()
-    paper_options = all(architecture[k] == v for k, v in preset_io.OPTION_DEFAULTS.items())
+    paper_options = all(architecture[k] == v for k, v in PAPER_MIXER.items())
     rows = [
         ("Architecture", f"{title}: layers={tuple(architecture['layers'])}, embed_dims="
                          f"{tuple(architecture['embed_dims'])}, hidden_sizes={tuple(architecture['hidden_sizes'])}"),

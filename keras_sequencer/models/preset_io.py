@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from keras_sequencer.models.backbone import Sequencer2DBackbone
+from keras_sequencer.presets import PAPER_MIXER
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -33,8 +34,7 @@ METADATA_KEY = "keras_sequencer"
 
 # What a backbone config holds beyond the architecture, and what must match for weights to mean the same.
 ARCHITECTURE_FIELDS = ("layers", "patch_sizes", "embed_dims", "hidden_sizes", "mlp_ratios")
-OPTION_FIELDS = ("rnn_type", "bidirectional", "union", "with_fc", "mixer")
-OPTION_DEFAULTS = {"rnn_type": "lstm", "bidirectional": True, "union": "cat", "with_fc": True, "mixer": "2d"}
+OPTION_FIELDS = tuple(PAPER_MIXER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Preset:
         """`layers`, `patch_sizes`, `embed_dims`, `hidden_sizes`, `mlp_ratios` and the mixer options."""
         config = self.backbone_config
         arch = {key: tuple(config[key]) for key in ARCHITECTURE_FIELDS}
-        arch.update({key: config.get(key, OPTION_DEFAULTS[key]) for key in OPTION_FIELDS})
+        arch.update({key: config.get(key, PAPER_MIXER[key]) for key in OPTION_FIELDS})
         return arch
 
 
