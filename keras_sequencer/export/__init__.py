@@ -60,11 +60,12 @@ def export(
         quantize: TFLite only: `None`, `"float16"`, `"dynamic"` or `"int8"`.
         calibration: `"int8"` only: images `(n, height, width, 3)` as the model
             takes them (RGB, 0-255 for a model with preprocessing), at least 8.
-        lstm: TFLite only, how each BiLSTM2D is lowered: `"while"` (a builtin
-            WHILE loop per direction), `"unrolled"` (a flat graph, one batched
-            step per time step), `"fused"` (`UNIDIRECTIONAL_SEQUENCE_LSTM`
-            kernels; STATEFUL, see `keras_sequencer.export.tflite`) or
-            `"auto"`: `"while"` for float32, `"unrolled"` when quantising.
+        lstm: TFLite only, how each BiLSTM2D is lowered: `"unrolled"` (a
+            flat graph, one batched step for all directions per time step;
+            XNNPACK runs all of it), `"while"` (a builtin WHILE loop per
+            direction), `"fused"` (`UNIDIRECTIONAL_SEQUENCE_LSTM` kernels;
+            STATEFUL, see `keras_sequencer.export.tflite`) or `"auto"`
+            (`"unrolled"`).
 
     Returns:
         A dict: `path`, `format`, `bytes`, `input_shape`, and for TFLite

@@ -3,11 +3,16 @@
 The LSTMs are lowered one of three ways (`lstm=`), each a token-mixing path
 of `keras_sequencer.layers.token_mixing`:
 
-| lstm       | token-mixing path | graph                                   | stateless |
-|------------|-------------------|-----------------------------------------|-----------|
-| "while"    | "keras"           | one builtin WHILE loop per direction    | yes       |
-| "unrolled" | "unrolled"        | flat: one batched matmul per step       | yes       |
-| "fused"    | "tflite_lstm"     | `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels  | NO        |
+| lstm       | token-mixing path   | graph                                               | stateless |
+|------------|---------------------|-----------------------------------------------------|-----------|
+| "unrolled" | "tflite_unrolled"   | flat: per step one `BATCH_MATMUL` for 4 directions  | yes       |
+| "while"    | "keras"             | one builtin WHILE loop per direction                | yes       |
+| "fused"    | "tflite_lstm"       | `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels              | NO        |
+
+`"auto"` is `"unrolled"`: XNNPACK (LiteRT's default CPU delegate) runs the
+whole flat graph, while WHILE bodies and TFLite's LSTM kernel run on the
+interpreter's reference kernels (docs/design.md, "TFLite lowerings";
+latencies: benchmarks/README.md).
 
 `"fused"` leads the converter to TFLite's own LSTM kernel (the LSTMs run
 through a TF function carrying the interface attributes the converter
@@ -15,7 +20,7 @@ recognises as a Keras LSTM, which is how tf-keras 2.x LSTMs got there; Keras 3
 LSTMs never do). That kernel keeps its final state in variable tensors and
 starts the next `invoke()` from it, so every call after the first is wrong
 unless the caller runs `interpreter.reset_all_variables()` first
-(`run_tflite` does). Latencies of each lowering: benchmarks/README.md.
+(`run_tflite` does).
 """
 
 import os
@@ -29,17 +34,17 @@ from keras_sequencer.layers import token_mixing
 
 LOWERINGS = ("auto", "while", "unrolled", "fused")
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
-_PATHS = {"while": "keras", "unrolled": "unrolled", "fused": "tflite_lstm"}
+_PATHS = {"while": "keras", "unrolled": "tflite_unrolled", "fused": "tflite_lstm"}
 
 
 def resolve_lowering(lstm: str, quantize: str | None) -> str:
-    """`"auto"` -> `"while"` for float32, `"unrolled"` when quantising; refuses int8 WHILE loops."""
+    """`"auto"` -> `"unrolled"` (the fastest in LiteRT, float or quantised); refuses int8 WHILE loops."""
     if lstm == "auto":
-        return "while" if quantize is None else "unrolled"
+        return "unrolled"
     if lstm == "while" and quantize == "int8":
         # TF 2.21's quantiser crashes the process (SIGSEGV) on WHILE bodies; refuse before it can.
         raise ValueError("quantize='int8' cannot use lstm='while' (TensorFlow's quantiser crashes on it); "
-                         "use lstm='unrolled' (the default for quantised exports) or 'fused'.")  # fmt: skip
+                         "use lstm='unrolled' (the default) or 'fused'.")  # fmt: skip
     return lstm
 
 

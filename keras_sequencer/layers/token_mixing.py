@@ -17,6 +17,10 @@ on each of them:
   differentiate TensorFlow's scan under `jit_compile=True`).
 - `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`: a C++ loop on a CPU,
   cuDNN on a GPU), what timm runs. PyTorch backend only; differentiable.
+- `"tflite_unrolled"` (export only, via `use_path`): the recurrence written
+  out step by step in TensorFlow ops shaped for TFLite's XNNPACK delegate:
+  one `FULLY_CONNECTED` per direction and step, no transposes or strided
+  slices (see `mix_tflite_unrolled`).
 - `"tflite_lstm"` (export only, via `use_path`): one TensorFlow function per
   direction carrying the interface attributes that TensorFlow's TFLite
   converter fuses into `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels.
@@ -33,9 +37,10 @@ import uuid
 
 import keras
 from keras import ops
+import numpy as np
 
 PATHS = ("keras", "unrolled", "scan", "torch")
-EXPORT_PATHS = ("tflite_lstm",)
+EXPORT_PATHS = ("tflite_unrolled", "tflite_lstm")
 IMPLEMENTATIONS = ("auto", "fused", *PATHS)
 
 _FORCED_PATH = contextvars.ContextVar("keras_sequencer_token_mixing_path", default=None)
@@ -137,7 +142,7 @@ def mix(layer, x, training=None):
     """Mixes the tokens of `x` with `layer`'s sublayers on the path `choose_path` picks."""
     static = x.shape[1] is not None and x.shape[2] is not None
     path = choose_path(layer.implementation, layer.standard, static, training)
-    if path in ("unrolled", "scan", "tflite_lstm") and not static:
+    if path in ("unrolled", "scan", *EXPORT_PATHS) and not static:
         raise ValueError(
             f"Layer '{layer.name}' runs the {path!r} path, which needs the height and width when the model is "
             "traced; give the model a fixed input_shape or use implementation='auto'. "
@@ -150,6 +155,8 @@ def mix(layer, x, training=None):
         return mix_torch(layer, x)
     if path == "tflite_lstm":
         return mix_tflite_lstm(layer, x)
+    if path == "tflite_unrolled":
+        return mix_tflite_unrolled(layer, x)
     return mix_fused(layer, x, scan=path == "scan")
 
 
@@ -291,6 +298,106 @@ def mix_torch(layer, x):
     return torch.cat([v, h], dim=-1)
 
 
+# === "tflite_unrolled": a flat graph for TFLite's XNNPACK delegate (export only) ===
+
+
+def _tensorflow_only(path):
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            f"The {path!r} path traces TensorFlow functions for the TFLite converter and needs the "
+            f"TensorFlow backend. Received: backend={keras.backend.backend()!r}"
+        )
+
+
+def _constant(variable):
+    """A variable's value as a NumPy array, read eagerly while a TF function is traced."""
+    import tensorflow as tf
+
+    with tf.init_scope():
+        return variable.numpy()
+
+
+def _sigmoid_gates_first(array):
+    """Keras' gate order `[i, f, g, o]` -> `[i, f, o, g]` along the last axis."""
+    i, f, g, o = np.split(array, 4, axis=-1)
+    return np.concatenate([i, f, o, g], axis=-1)
+
+
+def mix_tflite_unrolled(layer, x):
+    """The four directional LSTMs as a flat graph that TFLite's XNNPACK delegate runs whole.
+
+    XNNPACK has no control flow and pays per op and for every copy
+    (docs/design.md, "TFLite lowerings", has the measurements), so the
+    graph is laid out once per layer and each step is a handful of ops:
+
+    - two `FULLY_CONNECTED` project the input time-major, the vertical pair
+      from the map (time = height), the horizontal pair from its transpose
+      (time = width); the backward directions' steps are reversed once;
+    - on a square map all four directions advance together (two pairs
+      otherwise): per step one `BATCH_MATMUL` on the constant recurrent
+      kernels, one `SPLIT` into gates and the gate arithmetic;
+    - the per-step states are concatenated once and put back into the map.
+
+    Stateless: every `invoke()` starts from zero state. The weights go in as
+    constants (quantisers see them), in gate order `[i, f, o, g]`.
+    """
+    import tensorflow as tf
+
+    _tensorflow_only("tflite_unrolled")
+    batch, height, width, channels = x.shape
+    units = layer.hidden_size
+    cells = _cells(layer)
+
+    def weights(name, pair):
+        return np.concatenate([_sigmoid_gates_first(_constant(getattr(cells[d], name))) for d in pair], axis=-1)
+
+    def time_major(maps, pair):
+        """`maps` (T, B, N', C) -> projected steps (T, 2, B*N', 4u), the backward direction reversed in time."""
+        steps = maps.shape[0]
+        projected = tf.matmul(tf.reshape(maps, (-1, channels)), weights("kernel", pair)) + weights("bias", pair)
+        forward, backward = tf.split(tf.reshape(projected, (steps, 1, -1, 8 * units)), 2, axis=-1)
+        return tf.concat([forward, tf.reverse(backward, [0])], axis=1)
+
+    columns = x if batch == 1 else tf.transpose(x, (1, 0, 2, 3))
+    v = time_major(tf.reshape(columns, (height, batch, width, channels)), (0, 1))
+    h = time_major(tf.transpose(x, (2, 0, 1, 3)), (2, 3))
+    recurrent = np.stack([_sigmoid_gates_first(_constant(cell.recurrent_kernel)) for cell in cells])
+    if height == width:
+        v_out, h_out = tf.split(_recur_flat(tf.concat([v, h], axis=1), recurrent), 2, axis=1)
+    else:
+        v_out, h_out = _recur_flat(v, recurrent[:2]), _recur_flat(h, recurrent[2:])
+
+    def unreverse(outputs):
+        """(T, 2, N, u) -> (T, N, 2u): forward and backward outputs side by side, in sequence order."""
+        forward, backward = tf.split(outputs, 2, axis=1)
+        return tf.reshape(tf.concat([forward, tf.reverse(backward, [0])], axis=-1), (outputs.shape[0], -1, 2 * units))
+
+    v_map = tf.reshape(unreverse(v_out), (height, batch, width, 2 * units))
+    v_map = tf.reshape(v_map, (batch, height, width, 2 * units)) if batch == 1 else tf.transpose(v_map, (1, 0, 2, 3))
+    h_map = tf.transpose(tf.reshape(unreverse(h_out), (width, batch, height, 2 * units)), (1, 2, 0, 3))
+    return tf.concat([v_map, h_map], axis=-1)
+
+
+def _recur_flat(inputs, recurrent):
+    """Keras' LSTMCell steps written out: `inputs` (T, D, N, 4u), `recurrent` (D, u, 4u) -> states (T, D, N, u).
+
+    Gates in order `[i, f, o, g]`; the first step skips the matmul on the zero state.
+    """
+    import tensorflow as tf
+
+    state_h = state_c = None
+    outputs = []
+    for z in tf.split(inputs, inputs.shape[0], axis=0):  # (1, D, N, 4u) each
+        if state_h is not None:
+            z = z + tf.matmul(state_h, recurrent)
+        i, f, o, g = tf.split(z, 4, axis=-1)
+        i, f, o, g = tf.sigmoid(i), tf.sigmoid(f), tf.sigmoid(o), tf.tanh(g)
+        state_c = i * g if state_c is None else f * state_c + i * g
+        state_h = o * tf.tanh(state_c)
+        outputs.append(state_h)
+    return tf.concat(outputs, axis=0)
+
+
 # === "tflite_lstm": TFLite's fused LSTM kernel (export only) ===
 
 
@@ -343,11 +450,7 @@ def mix_tflite_lstm(layer, x):
     """
     import tensorflow as tf
 
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "The 'tflite_lstm' path traces TensorFlow functions for the TFLite converter and needs the "
-            f"TensorFlow backend. Received: backend={keras.backend.backend()!r}"
-        )
+    _tensorflow_only("tflite_lstm")
     if not all(_is_standard_lstm(cell) for cell in _cells(layer)):
         return mix_keras(layer, x)
     batch, height, width, channels = x.shape
@@ -355,8 +458,7 @@ def mix_tflite_lstm(layer, x):
 
     def run(sequences, cell):
         zeros = tf.zeros((sequences.shape[0], cell.units), sequences.dtype)
-        with tf.init_scope():  # eager, inside the trace
-            values = [w.numpy() for w in (cell.kernel, cell.recurrent_kernel, cell.bias)]
+        values = [_constant(w) for w in (cell.kernel, cell.recurrent_kernel, cell.bias)]
         return lstm(sequences, zeros, zeros, *[tf.constant(v) for v in values])[1]
 
     def bidirectional(sequences, wrapper):

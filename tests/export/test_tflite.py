@@ -31,13 +31,15 @@ def _invoke_twice_without_reset(path, images):
 
 
 def test_tflite_lowerings_are_builtin_and_match_keras(tmp_path):
-    model = tiny_model(input_shape=(32, 32, 3))
-    images = random_images(2, 32, seed=1)
+    # Non-square with a batch of 2: the unrolled lowering's vertical and horizontal pairs advance separately
+    # and its batch>1 layout is used; a swapped axis or direction would show.
+    model = tiny_model(input_shape=(32, 48, 3))
+    images = random_images(2, 32, seed=1, width=48)
     expected = to_numpy(model.predict_on_batch(images))
     directions = 4 * sum(TINY["layers"])  # v/h x fwd/bwd per block
     cases = {  # lstm -> (the op that must carry the recurrence, its count)
-        "while": ("WHILE", directions),
         "unrolled": ("BATCH_MATMUL", None),
+        "while": ("WHILE", directions),
         "fused": ("UNIDIRECTIONAL_SEQUENCE_LSTM", directions),
     }
     for lstm, (op, count) in cases.items():
@@ -55,7 +57,20 @@ def test_tflite_lowerings_are_builtin_and_match_keras(tmp_path):
             assert np.abs(second - expected).max() > 1e-3
         else:
             np.testing.assert_allclose(second, expected, rtol=0, atol=1e-4)
-    assert export(model, str(tmp_path / "auto.tflite"))["lstm"] == "while"
+    assert export(model, str(tmp_path / "auto.tflite"))["lstm"] == "unrolled"
+
+
+def test_tflite_unrolled_square_batch_one_matches_keras(tmp_path):
+    """The layout the default export takes for square images at batch 1: all four directions in one step."""
+    model = tiny_model(input_shape=(32, 32, 3), seed=2)
+    images = random_images(1, 32, seed=3)
+    report = export(model, str(tmp_path / "model.tflite"))
+    # Maps 8x8 (2 blocks), 4x4, 4x4: one matmul per step after the first, for all four directions at once.
+    assert report["lstm"] == "unrolled" and report["ops"]["BATCH_MATMUL"] == 2 * 7 + 3 + 3, report["ops"]
+    first, second = _invoke_twice_without_reset(str(tmp_path / "model.tflite"), images)
+    expected = to_numpy(model.predict_on_batch(images))
+    np.testing.assert_allclose(first, expected, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(first, second)
 
 
 def test_tflite_float16_halves_the_weights(tmp_path):
@@ -72,6 +87,8 @@ def test_tflite_float16_halves_the_weights(tmp_path):
             atol=1e-4 if quantize is None else 1e-2,
         )  # fmt: skip
         sizes[quantize] = report["bytes"]
+        first, second = _invoke_twice_without_reset(path, images)
+        np.testing.assert_array_equal(first, second)
     assert sizes[None] - sizes["float16"] > 1.8 * model.count_params(), sizes
 
 
@@ -105,6 +122,8 @@ def test_tflite_int8_and_dynamic_agree_with_float_on_fashion_mnist(tmp_path):
         agreement = (got == reference).mean()
         assert agreement >= 0.98, f"{quantize}: top-1 agrees with float32 on {agreement:.1%} of images"
         _assert_builtin(op_histogram(open(path, "rb").read()))
+        first, second = _invoke_twice_without_reset(path, x_test[:1])
+        np.testing.assert_array_equal(first, second)
     # Full integer: the recurrences' and the projections' matmuls themselves run in int8.
     interpreter = tflite_interpreter(str(tmp_path / "int8.tflite"), delegate=False)
     tensors = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
