@@ -8,8 +8,9 @@ For each file: size, op count, median latency in the LiteRT interpreter
 (`ai-edge-litert`, XNNPACK, each file timed in a fresh process, the files
 interleaved round by round), the largest difference from the Keras model's
 logits, and how often its top-1 class agrees with the Keras float32 model's on
-real photos (scikit-image's sample photos). With random weights the numerics
-are the same as with trained ones; only the classes mean nothing.
+real photos (scikit-image's sample photos; scikit-image is required). With
+random weights the numerics are the same as with trained ones; only the
+classes mean nothing.
 
 When `litert-torch` is installed (`pip install litert-torch`, or pass the
 Python of another environment with `--litert-torch-python`), timm's model with
@@ -53,13 +54,15 @@ interpreter.allocate_tensors()
 (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
 images = np.load(sys.argv[4]).astype(np.float32)
 outputs = []
-for image in images:
+for image in images:  # reset: a "fused" file keeps its LSTM state between calls
     interpreter.set_tensor(inp["index"], image[None])
+    interpreter.reset_all_variables()
     interpreter.invoke()
     outputs.append(interpreter.get_tensor(out["index"])[0].copy())
 times = []
 for _ in range(runs):
     interpreter.set_tensor(inp["index"], images[:1])
+    interpreter.reset_all_variables()
     started = time.perf_counter()
     interpreter.invoke()
     times.append(time.perf_counter() - started)
@@ -69,24 +72,30 @@ print(json.dumps({"times": times, "logits": np.stack(outputs).tolist()}))
 # timm's model through litert-torch, in its own process (torch before anything else). It takes what ours
 # takes: NHWC RGB in [0, 255], normalised inside the graph as timm's eval transform normalises.
 _LITERT_TORCH = """
-import json, os, sys, time
+import json, sys, time
 import torch, timm, litert_torch
 from safetensors.torch import load_file, save_file
-variant, checkpoint, size, output = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-mean, std = (torch.tensor(v).reshape(1, 3, 1, 1) for v in json.loads(sys.argv[5]))
+variant, checkpoint, size, output, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+mean, std = json.loads(sys.argv[6])
 torch.manual_seed(0)
 model = timm.create_model(f"sequencer2d_{variant}", pretrained=False, img_size=size).eval()
-if os.path.exists(checkpoint):
-    model.load_state_dict(load_file(checkpoint))
-else:  # timm's random initialisation, saved for the Keras model
+if mode == "save":  # timm's random initialisation, saved for the Keras model to load
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+elif checkpoint.endswith(".safetensors"):
+    model.load_state_dict(load_file(checkpoint))
+else:  # the authors' .pth
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
 
 class Pixels(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.model = model
+        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1))
+
     def forward(self, images):
-        return self.model((images.permute(0, 3, 1, 2) / 255 - mean) / std)
+        return self.model((images.permute(0, 3, 1, 2) / 255 - self.mean) / self.std)
 
 started = time.perf_counter()
 litert_torch.convert(Pixels().eval(), (torch.zeros(1, size, size, 3),)).export(output)
@@ -158,7 +167,8 @@ def _fashion_accuracy(model_path, variants, output, threads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="s", choices=("s", "m", "l"))
-    parser.add_argument("--weights", default=None, help="None (timm's random init), 'imagenet' or a checkpoint")
+    parser.add_argument("--weights", default=None,
+                        help="None (random), 'imagenet' or a checkpoint (.safetensors / .pth)")  # fmt: skip
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--runs", type=int, default=5, help="timed calls per file per round")
@@ -174,7 +184,7 @@ def main():
     output = args.output or tempfile.mkdtemp(prefix="sequencer_tflite_")
     os.makedirs(output, exist_ok=True)
     litert_python = args.litert_torch_python
-    if litert_python is None and importlib.util.find_spec("litert_torch") is not None:
+    if litert_python is None and all(importlib.util.find_spec(m) for m in ("litert_torch", "timm")):
         litert_python = sys.executable
     with_timm = litert_python is not None and not args.no_litert_torch
 
@@ -184,28 +194,36 @@ def main():
     from keras_sequencer.export import export, op_histogram
     from keras_sequencer.presets import IMAGENET_EVAL
 
+    photos = _photos(args.size)
+    photos_path = os.path.join(output, "photos.npy")
+    np.save(photos_path, photos)
     checkpoint = pretrained.fetch_checkpoint(args.variant) if args.weights == "imagenet" else args.weights
+    if with_timm and checkpoint is not None and not str(checkpoint).endswith((".safetensors", ".pth")):
+        print(f"No litert-torch row: timm loads .safetensors or .pth checkpoints, not {checkpoint}")
+        with_timm = False
     timm_row = None
     if with_timm:  # first: with random weights it writes timm's initialisation for the Keras model to load
+        mode = "load" if checkpoint is not None else "save"
         if checkpoint is None:
             checkpoint = os.path.join(output, f"timm_sequencer2d_{args.variant}_random.safetensors")
         path = os.path.join(output, f"timm_sequencer2d_{args.variant}_{args.size}_litert_torch.tflite")
         normalisation = json.dumps([IMAGENET_EVAL.mean, IMAGENET_EVAL.std])
         print(f"timm's Sequencer2D-{args.variant.upper()} through litert-torch (minutes)...", flush=True)
         result = subprocess.run([litert_python, "-c", _LITERT_TORCH, args.variant, checkpoint, str(args.size),
-                                 path, normalisation], check=True, capture_output=True, text=True)  # fmt: skip
-        convert_s = json.loads(result.stdout.strip().splitlines()[-1])["convert_s"]
-        with open(path, "rb") as f:
-            timm_row = {"name": "timm", "lstm": "litert-torch", "path": path, "convert_s": convert_s,
-                        "ops": op_histogram(f.read())}  # fmt: skip
+                                 path, mode, normalisation], capture_output=True, text=True)  # fmt: skip
+        if result.returncode != 0:
+            print(f"No litert-torch row: the conversion failed:\n{result.stderr[-2000:]}")
+            if mode == "save":
+                checkpoint = None
+        else:
+            with open(path, "rb") as f:
+                timm_row = {"name": "timm", "lstm": "litert-torch", "path": path, "ops": op_histogram(f.read()),
+                            "convert_s": json.loads(result.stdout.strip().splitlines()[-1])["convert_s"]}  # fmt: skip
 
     build = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}[args.variant]
     model = build(weights=checkpoint, input_shape=(args.size, args.size, 3), classifier_activation=None)
-    photos = _photos(args.size)
     expected = np.asarray(model.predict(photos, batch_size=1, verbose=0))
     calibration = photos  # int8: real photos; pass a few hundred training images in practice
-    photos_path = os.path.join(output, "photos.npy")
-    np.save(photos_path, photos)
 
     rows, paths = [], []
     for name in args.variants:

@@ -5,13 +5,13 @@ of `keras_sequencer.layers.token_mixing`:
 
 | lstm       | token-mixing path   | graph                                               | stateless |
 |------------|---------------------|-----------------------------------------------------|-----------|
-| "unrolled" | "tflite_unrolled"   | flat: per step one `BATCH_MATMUL` for 4 directions  | yes       |
+| "unrolled" | "tflite_unrolled"   | flat: per step one `BATCH_MATMUL` (4 directions)    | yes       |
 | "while"    | "keras"             | one builtin WHILE loop per direction                | yes       |
 | "fused"    | "tflite_lstm"       | `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels              | NO        |
 
 `"auto"` is `"unrolled"`: XNNPACK (LiteRT's default CPU delegate) runs the
 whole flat graph, while WHILE bodies and TFLite's LSTM kernel run on the
-interpreter's reference kernels (docs/design.md, "TFLite lowerings";
+interpreter's own kernels, one small op at a time (docs/design.md, "TFLite lowerings";
 latencies: benchmarks/README.md).
 
 `"fused"` leads the converter to TFLite's own LSTM kernel (the LSTMs run

@@ -18,9 +18,9 @@ on each of them:
 - `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`: a C++ loop on a CPU,
   cuDNN on a GPU), what timm runs. PyTorch backend only; differentiable.
 - `"tflite_unrolled"` (export only, via `use_path`): the recurrence written
-  out step by step in TensorFlow ops shaped for TFLite's XNNPACK delegate:
-  one `FULLY_CONNECTED` per direction and step, no transposes or strided
-  slices (see `mix_tflite_unrolled`).
+  out step by step in TensorFlow ops laid out for TFLite's XNNPACK delegate:
+  per step one `BATCH_MATMUL` for the four directions (for each pair on
+  non-square maps), no per-step slicing (see `mix_tflite_unrolled`).
 - `"tflite_lstm"` (export only, via `use_path`): one TensorFlow function per
   direction carrying the interface attributes that TensorFlow's TFLite
   converter fuses into `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels.
@@ -339,14 +339,17 @@ def mix_tflite_unrolled(layer, x):
     - the per-step states are concatenated once and put back into the map.
 
     Stateless: every `invoke()` starts from zero state. The weights go in as
-    constants (quantisers see them), in gate order `[i, f, o, g]`.
+    constants (quantisers see them), in gate order `[i, f, o, g]`. Cells with
+    other activations keep the `"keras"` path.
     """
+    _tensorflow_only("tflite_unrolled")
     import tensorflow as tf
 
-    _tensorflow_only("tflite_unrolled")
+    cells = _cells(layer)
+    if not all(_is_standard_lstm(cell) for cell in cells):
+        return mix_keras(layer, x)
     batch, height, width, channels = x.shape
     units = layer.hidden_size
-    cells = _cells(layer)
 
     def weights(name, pair):
         return np.concatenate([_sigmoid_gates_first(_constant(getattr(cells[d], name))) for d in pair], axis=-1)
@@ -448,9 +451,9 @@ def mix_tflite_lstm(layer, x):
     fusion needs them folded (TensorFlow 2.21 crashes on resource reads there).
     Cells with other activations keep the `"keras"` path.
     """
+    _tensorflow_only("tflite_lstm")
     import tensorflow as tf
 
-    _tensorflow_only("tflite_lstm")
     if not all(_is_standard_lstm(cell) for cell in _cells(layer)):
         return mix_keras(layer, x)
     batch, height, width, channels = x.shape

@@ -68,13 +68,17 @@ def test_torch_path_needs_the_torch_backend():
         np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), to_numpy(token_mixing.mix_keras(layer, x)))
 
 
-def test_tflite_lstm_path_computes_the_lstm_on_tensorflow_only():
-    """The export-only path traces TensorFlow functions: the same tokens there, a clear error elsewhere."""
+@pytest.mark.parametrize("path", token_mixing.EXPORT_PATHS)
+def test_export_paths_compute_the_lstm_on_tensorflow_only(path):
+    """The export-only paths build TensorFlow graphs: the same tokens there, on non-square and square maps at
+    batch 1 and 2 (the unrolled path lays each out differently), and a clear error elsewhere."""
     layer, x = _layer_and_input()
-    with token_mixing.use_path("tflite_lstm"):
-        if BACKEND == "tensorflow":
-            expected = to_numpy(token_mixing.mix_keras(layer, x))
-            np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6)
-        else:
+    with token_mixing.use_path(path):
+        if BACKEND != "tensorflow":
             with pytest.raises(ValueError, match="needs the TensorFlow backend"):
                 token_mixing.mix(layer, x)
+            return
+        for shape in ((2, 4, 5, 6), (2, 5, 5, 6), (1, 5, 5, 6), (1, 3, 7, 6)):
+            x = keras.ops.convert_to_tensor(np.random.RandomState(sum(shape)).randn(*shape).astype("float32"))
+            expected = to_numpy(token_mixing.mix_keras(layer, x))
+            np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6, err_msg=str(shape))
