@@ -80,6 +80,10 @@ mean, std = json.loads(sys.argv[6])
 torch.manual_seed(0)
 model = timm.create_model(f"sequencer2d_{variant}", pretrained=False, img_size=size).eval()
 if mode == "save":  # timm's random initialisation, saved for the Keras model to load
+    with torch.no_grad():  # timm zeroes the head: every logit would be 0 and every top-1 agree
+        for name, tensor in model.named_parameters():
+            if name.startswith("head") and not tensor.any():
+                tensor.normal_(0.0, 0.02)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
 elif checkpoint.endswith(".safetensors"):
     model.load_state_dict(load_file(checkpoint))
