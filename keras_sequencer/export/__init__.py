@@ -61,7 +61,7 @@ def export(
         calibration: `"int8"` only: images `(n, height, width, 3)` as the model
             takes them (RGB, 0-255 for a model with preprocessing), at least 8.
         lstm: TFLite only, how each BiLSTM2D is lowered: `"unrolled"` (a
-            flat graph that XNNPACK runs whole: per time step one batched
+            flat graph for XNNPACK: per time step one batched
             matmul for all four directions, or per pair on non-square
             maps), `"while"` (a builtin WHILE loop per
             direction), `"fused"` (`UNIDIRECTIONAL_SEQUENCE_LSTM` kernels;

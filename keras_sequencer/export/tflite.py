@@ -10,7 +10,7 @@ of `keras_sequencer.layers.token_mixing`:
 | "fused"    | "tflite_lstm"       | `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels              | NO        |
 
 `"auto"` is `"unrolled"`: XNNPACK (LiteRT's default CPU delegate) runs the
-whole flat graph, while WHILE bodies and TFLite's LSTM kernel run on the
+flat graph's ops, while WHILE bodies and TFLite's LSTM kernel run on the
 interpreter's own kernels, one small op at a time (docs/design.md, "TFLite lowerings";
 latencies: benchmarks/README.md).
 

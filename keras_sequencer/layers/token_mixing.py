@@ -324,7 +324,7 @@ def _sigmoid_gates_first(array):
 
 
 def mix_tflite_unrolled(layer, x):
-    """The four directional LSTMs as a flat graph that TFLite's XNNPACK delegate runs whole.
+    """The four directional LSTMs as a flat graph (no control flow) for TFLite's XNNPACK delegate.
 
     XNNPACK has no control flow and pays per op and for every copy
     (docs/design.md, "TFLite lowerings", has the measurements), so the
