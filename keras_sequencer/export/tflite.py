@@ -6,6 +6,7 @@ of `keras_sequencer.layers.token_mixing`:
 | lstm       | token-mixing path   | graph                                               | stateless |
 |------------|---------------------|-----------------------------------------------------|-----------|
 | "unrolled" | "tflite_unrolled"   | flat: per step one `BATCH_MATMUL` (4 directions)    | yes       |
+|            | (int8: "..._int8")  | full int8: one `FULLY_CONNECTED` per direction      | yes       |
 | "while"    | "keras"             | one builtin WHILE loop per direction                | yes       |
 | "fused"    | "tflite_lstm"       | `UNIDIRECTIONAL_SEQUENCE_LSTM` kernels              | NO        |
 
@@ -56,7 +57,9 @@ def to_tflite(model: keras.Model, shape: tuple, quantize: str | None, calibratio
     def serve(images):
         return model(images, training=False)
 
-    with token_mixing.use_path(_PATHS[lstm]):
+    # XNNPACK has int8 fully-connected kernels but no int8 batch matmul (docs/design.md, "TFLite lowerings").
+    path = "tflite_unrolled_int8" if lstm == "unrolled" and quantize == "int8" else _PATHS[lstm]
+    with token_mixing.use_path(path):
         concrete = serve.get_concrete_function()
         holder = tf.Module()  # gives the converter the variables (its SavedModel path keeps the LSTM functions)
         holder.serve = serve

@@ -124,7 +124,8 @@ def test_tflite_int8_and_dynamic_agree_with_float_on_fashion_mnist(tmp_path):
         _assert_builtin(op_histogram(open(path, "rb").read()))
         first, second = _invoke_twice_without_reset(path, x_test[:1])
         np.testing.assert_array_equal(first, second)
-    # Full integer: the recurrences' and the projections' matmuls themselves run in int8.
+    # Full integer: the recurrences' and the projections' matmuls themselves run in int8, as fully-connected
+    # layers (XNNPACK has no int8 batch matmul).
     interpreter = tflite_interpreter(str(tmp_path / "int8.tflite"), delegate=False)
     tensors = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
     kinds = collections.Counter(
@@ -132,4 +133,4 @@ def test_tflite_int8_and_dynamic_agree_with_float_on_fashion_mnist(tmp_path):
         for op in interpreter._get_ops_details()
         if op["op_name"] in ("BATCH_MATMUL", "FULLY_CONNECTED", "CONV_2D")
     )
-    assert set(kinds) == {("BATCH_MATMUL", "int8"), ("FULLY_CONNECTED", "int8"), ("CONV_2D", "int8")}, kinds
+    assert set(kinds) == {("FULLY_CONNECTED", "int8"), ("CONV_2D", "int8")}, kinds
