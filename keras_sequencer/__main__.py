@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", choices=bench.VARIANTS, default=["s"])
     p.add_argument("--backends", nargs="+", choices=bench.BACKENDS, default=None,
                    help="default: every installed backend")  # fmt: skip
-    p.add_argument("--paths", nargs="+", choices=bench.PATHS, default=list(bench.PATHS),
+    p.add_argument("--paths", nargs="+", choices=bench.PATHS, default=list(bench.DEFAULT_PATHS),
                    help="implementation= values; auto is the default users get")  # fmt: skip
     p.add_argument("--batch-sizes", type=_COUNT, nargs="+", default=[1, 16])
     p.add_argument("--size", type=_SIDE, default=224)

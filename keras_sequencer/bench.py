@@ -7,7 +7,9 @@ timm (PyTorch), Keras on each requested backend with each forward path
 export in the LiteRT interpreter. Each process times, per variant and batch
 size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
 training step (forward + backward + AdamW), after warm-up calls, as the
-median of `runs` calls; a separate process per engine measures the peak
+median of `runs` calls, and the first training step of the fresh model
+(`first_train_step`: tracing, graph building and compilation included, in
+seconds); a separate process per engine measures the peak
 memory of inference at `memory_size`: the rise of the process' peak RSS over
 its RSS just before the call, for the first call (`memory`: compilation
 included, e.g. XLA) and for a second one (`memory_warm`: the growth beyond
@@ -39,7 +41,8 @@ import time
 
 VARIANTS = ("s", "m", "l")
 BACKENDS = ("tensorflow", "jax", "torch")
-PATHS = ("auto", "keras", "fused")
+PATHS = ("auto", "keras", "fused", "scan")
+DEFAULT_PATHS = ("auto", "keras", "fused")  # "scan" on request
 # Keras' policy for our model -> the dtype of timm's torch.autocast (None: plain float32). float16 is
 # for GPUs, which this benchmark does not drive yet.
 _AUTOCAST = {"float32": None, "mixed_bfloat16": "bfloat16"}
@@ -56,6 +59,13 @@ def _median_seconds(fn, runs: int, warmup: int) -> float:
         times.append(time.perf_counter() - started)
     times.sort()
     return times[len(times) // 2]
+
+
+def _first_step_row(step, variant: str, batch: int) -> dict:
+    """The first training step of a fresh model, timed whole: graph building / compilation included."""
+    started = time.perf_counter()
+    step()
+    return {"task": "first_train_step", "variant": variant, "batch": batch, "seconds": time.perf_counter() - started}
 
 
 def _rss_bytes() -> int:
@@ -157,6 +167,7 @@ def _timm_worker(job):
                 torch.nn.functional.cross_entropy(forward(model, x).float(), y).backward()
                 optimizer.step()
 
+            rows.append(_first_step_row(step, variant, batch))
             rows.append({"task": "train_step", "variant": variant, "batch": batch,
                          "seconds": _median_seconds(step, job["runs"], job["warmup"])})  # fmt: skip
     return rows
@@ -189,6 +200,7 @@ def _keras_worker(job):
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
             x = np.random.default_rng(1).uniform(0, 255, (batch, size, size, 3)).astype("float32")
             y = np.random.default_rng(2).integers(0, 1000, (batch,))
+            rows.append(_first_step_row(lambda model=model, x=x, y=y: model.train_on_batch(x, y), variant, batch))
             seconds = _median_seconds(
                 lambda model=model, x=x, y=y: model.train_on_batch(x, y), job["runs"], job["warmup"]
             )
@@ -263,7 +275,7 @@ def _installed(module: str) -> bool:
 def run(
     variants=("s",),
     backends=None,
-    paths=PATHS,
+    paths=DEFAULT_PATHS,
     batch_sizes=(1, 16),
     size=224,
     runs=5,
@@ -337,7 +349,7 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
         if "seconds" in row:
             row["images_per_s"] = row["batch"] / row["seconds"]
             row["vs_timm"] = base["seconds"] / row["seconds"] if base else None
-            if gemm_flops_per_s:
+            if gemm_flops_per_s and row["task"] != "first_train_step":
                 flops = 2 * count_macs(row["variant"], size) * (3 if row["task"] == "train_step" else 1)
                 row["of_fp32_ceiling"] = row["images_per_s"] * flops / gemm_flops_per_s
         else:
@@ -348,7 +360,7 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
 def format_table(rows, dtype_policy="float32") -> str:
     autocast = _AUTOCAST[dtype_policy]
     lines = [f"dtype policy {dtype_policy} (timm: torch.autocast, {autocast})\n"] if autocast else []
-    lines += ["| task | variant | batch | engine | path | images/s or peak MiB | vs timm | of fp32 ceiling |",
+    lines += ["| task | variant | batch | engine | path | images/s, s or peak MiB | vs timm | of fp32 ceiling |",
              "|---" * 8 + "|"]  # fmt: skip
     for row in sorted(rows, key=lambda r: (r["task"], r["variant"], r["batch"], r["engine"] != "timm", r["engine"],
                                            r["path"])):  # fmt: skip
@@ -357,6 +369,8 @@ def format_table(rows, dtype_policy="float32") -> str:
         if row["task"].startswith("memory"):
             value = f"{row['peak_bytes'] / 2**20:.0f} MiB @ {row['size']}²"
             ratio = ratio.replace("x", "x mem")
+        elif row["task"] == "first_train_step":  # compilation included: seconds, not a rate
+            value = f"{row['seconds']:.1f} s"
         else:
             value = f"{row['images_per_s']:.2f}"
         lines.append(f"| {row['task']} | {row['variant'].upper()} | {row['batch']} | {row['engine']} | "
@@ -372,7 +386,7 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if "seconds" in r]
+    timed = [r for r in rows if "seconds" in r and r["task"] != "first_train_step"]
     groups = sorted({(r["task"], r["variant"], r["batch"]) for r in timed})
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):

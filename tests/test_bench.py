@@ -28,7 +28,8 @@ def test_bench_writes_table_json_and_png(tmp_path):
     assert gemm["size"] == 256 and gemm["flops_per_s"] > 1e8
     engines = {(r["engine"], r["path"], r["task"], r["batch"]) for r in rows}
     for path in ("auto",):
-        for task, batch in (("inference", 1), ("inference", 2), ("train_step", 2), ("memory", 1)):
+        for task, batch in (("inference", 1), ("inference", 2), ("train_step", 2), ("first_train_step", 2),
+                            ("memory", 1)):  # fmt: skip
             assert (f"keras-{BACKEND}", path, task, batch) in engines
             assert ("timm", "-", task, batch) in engines
     timm = {(r["task"], r["batch"]): r for r in rows if r["engine"] == "timm"}
@@ -43,6 +44,11 @@ def test_bench_writes_table_json_and_png(tmp_path):
             reference = timm[(row["task"], 1)]["peak_bytes"]
             expected = None if reference == 0 else row["peak_bytes"] / reference
             assert row["vs_timm"] == pytest.approx(expected, abs=1e-9)
+        elif row["task"] == "first_train_step":  # compilation included, printed in seconds, no ceiling
+            assert row["seconds"] > 0
+            assert abs(row["vs_timm"] - timm[(row["task"], row["batch"])]["seconds"] / row["seconds"]) < 1e-9
+            assert "of_fp32_ceiling" not in row
+            assert f"| {row['seconds']:.1f} s | {row['vs_timm']:.2f}x | - |" in result.stdout
         else:
             assert abs(row["images_per_s"] - row["batch"] / row["seconds"]) < 1e-9
             assert abs(row["vs_timm"] - timm[(row["task"], row["batch"])]["seconds"] / row["seconds"]) < 1e-9

@@ -12,9 +12,12 @@ on each of them:
 - `"unrolled"`: the fused recurrence: one matmul projects the input of all
   four directional LSTMs, then they advance together, one batched recurrent
   matmul per step, unrolled in Python. Backend-neutral (`keras.ops`).
-- `"scan"`: the same recurrence stepped by `ops.scan`, which XLA compiles
-  faster than the unrolled steps; inference only on TensorFlow (XLA cannot
-  differentiate TensorFlow's scan under `jit_compile=True`).
+- `"scan"`: the same recurrence in one loop. On TensorFlow and JAX it has a
+  hand-written backward pass (`mix_scan_trainable`): it trains, under XLA
+  too, and builds its training graph in about half the time of the Keras
+  LSTMs, but steps slower on a CPU; TensorFlow inference (`training=False`)
+  keeps the projected `ops.scan`, which XLA compiles fast. On PyTorch it is
+  the projected `ops.scan`.
 - `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`: a C++ loop on a CPU,
   cuDNN on a GPU), what timm runs. PyTorch backend only; differentiable.
 - `"tflite_unrolled"` (export only, via `use_path`): the recurrence written
@@ -159,6 +162,8 @@ def mix(layer, x, training=None):
         return mix_tflite_lstm(layer, x)
     if path in ("tflite_unrolled", "tflite_unrolled_int8"):
         return mix_tflite_unrolled(layer, x, per_direction=path == "tflite_unrolled_int8")
+    if path == "scan" and _trainable_scan(layer, training):
+        return mix_scan_trainable(layer, x)
     return mix_fused(layer, x, scan=path == "scan")
 
 
@@ -265,6 +270,141 @@ def _recur(inputs, recurrent, cell, scan=False):
             outputs.append(out)
         outputs = ops.stack(outputs)  # (T, D, N, u)
     return ops.stack([ops.flip(outputs[:, d], axis=0) if d % 2 else outputs[:, d] for d in range(directions)], axis=1)
+
+
+# === "scan" for training on TensorFlow and JAX: one loop for all directions, differentiated by hand ===
+
+
+def mix_scan_trainable(layer, x):
+    """All four directional LSTMs in one loop (two on non-square maps), with a hand-written gradient.
+
+    The `"scan"` path for training on TensorFlow and JAX (and for inference
+    on JAX). Each step projects its own input, as Keras' LSTM does (on
+    XLA:CPU these cache-sized matmuls ran faster than one projection of the
+    whole map), and advances all directions with one batched matmul each for
+    the input and the state. The backward pass is one reverse loop of
+    elementwise work and one batched matmul per step; the gradients of the
+    weights and of the input are batched matmuls over all steps afterwards.
+    Automatic differentiation would instead build the gradient of a loop
+    (TensorFlow: stacks of every intermediate, slow to build and to run) or of
+    Keras' four loops per block. Gradients equal automatic differentiation
+    of Keras' LSTM up to float rounding.
+    """
+    cells = _cells(layer)
+    batch, height, width, channels = x.shape
+    batch = ops.shape(x)[0]
+    units = layer.hidden_size
+
+    def weights(directions):
+        def stacked(name):
+            return ops.stack([ops.cast(getattr(cells[d], name).value, x.dtype) for d in directions])
+
+        return stacked("kernel"), stacked("recurrent_kernel"), stacked("bias")
+
+    # Time-major sequences: vertical (time = row, one per batch x column), horizontal (time = column).
+    v = ops.reshape(ops.transpose(x, (1, 0, 2, 3)), (height, -1, channels))
+    h = ops.reshape(ops.transpose(x, (2, 0, 1, 3)), (width, -1, channels))
+    if height == width:
+        out = _bilstm_loop(ops.stack([v, h], axis=1), *weights(range(4)))
+        v_out, h_out = out[:, 0], out[:, 1]
+    else:
+        v_out = _bilstm_loop(ops.expand_dims(v, 1), *weights((0, 1)))[:, 0]
+        h_out = _bilstm_loop(ops.expand_dims(h, 1), *weights((2, 3)))[:, 0]
+    v_map = ops.transpose(ops.reshape(v_out, (height, batch, width, 2 * units)), (1, 0, 2, 3))
+    h_map = ops.transpose(ops.reshape(h_out, (width, batch, height, 2 * units)), (1, 2, 0, 3))
+    return ops.concatenate([v_map, h_map], axis=-1)
+
+
+def _accumulate(step, initial, xs, reverse=False):
+    """`step(carry, x) -> carry` over the leading axis of the tuple `xs`; every step's carry, stacked."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.lax.scan(lambda carry, x: (step(carry, x),) * 2, initial, xs, reverse=reverse)[1]
+    import tensorflow as tf
+
+    return tf.scan(step, xs, initializer=initial, reverse=reverse)
+
+
+def _interleaved(sequences):
+    """(T, P, N, C) -> (T, D, N, C) in scan-step order: pair p read forwards (2p) and backwards (2p + 1)."""
+    steps, pairs, n, c = sequences.shape
+    return ops.reshape(ops.stack([sequences, ops.flip(sequences, 0)], axis=2), (steps, 2 * pairs, -1, c))
+
+
+def _in_sequence_order(states):
+    """(T, D, N, u) per scan step -> (T, P, N, 2u): each pair's forward and backward states, in order."""
+    steps, directions, _, units = states.shape
+    states = ops.reshape(states, (steps, directions // 2, 2, -1, units))
+    return ops.concatenate([states[:, :, 0], ops.flip(states[:, :, 1], 0)], axis=-1)
+
+
+@ops.custom_gradient
+def _bilstm_loop(sequences, kernel, recurrent, bias):
+    """P pairs of bidirectional LSTMs over `sequences` (T, P, N, C) -> states (T, P, N, 2u).
+
+    Pair p is read forwards by direction 2p and backwards by direction 2p + 1,
+    whose weights are `kernel` (D, C, 4u), `recurrent` (D, u, 4u) and `bias`
+    (D, 4u), in Keras' gate order `[i, f, g, o]` (sigmoid gates, tanh cell:
+    Keras' `LSTMCell` defaults). The forward loop keeps every step's states and
+    gate activations for the backward pass.
+    """
+    steps_inputs = _interleaved(sequences)  # (T, D, N, C)
+    zeros = ops.zeros_like(steps_inputs[0, :, :, : recurrent.shape[1]])
+
+    def step(carry, inputs):
+        state_h, state_c, _ = carry
+        z = ops.matmul(inputs, kernel) + ops.matmul(state_h, recurrent) + ops.expand_dims(bias, 1)
+        i, f, g, o = ops.split(z, 4, axis=-1)
+        i, f, g, o = ops.sigmoid(i), ops.sigmoid(f), ops.tanh(g), ops.sigmoid(o)
+        state_c = f * state_c + i * g
+        return o * ops.tanh(state_c), state_c, ops.concatenate([i, f, g, o], axis=-1)
+
+    states_h, states_c, gates = _accumulate(step, (zeros, zeros, ops.zeros_like(ops.concatenate([zeros] * 4, -1))),
+                                            steps_inputs)  # fmt: skip
+
+    def gradient(d_outputs):
+        # d_outputs in scan-step order, (T, D, N, u).
+        d_forward, d_backward = ops.split(d_outputs, 2, axis=-1)
+        d_states = ops.reshape(ops.stack([d_forward, ops.flip(d_backward, 0)], axis=2), ops.shape(states_h))
+        first = ops.zeros_like(states_h[:1])
+        previous_h = ops.concatenate([first, states_h[:-1]])
+        previous_c = ops.concatenate([first, states_c[:-1]])
+        recurrent_t = ops.swapaxes(recurrent, 1, 2)
+
+        def step(carry, xs):
+            d_h_next, d_c_next, _ = carry
+            d_h, state_c, prev_c, gate = xs
+            i, f, g, o = ops.split(gate, 4, axis=-1)
+            tanh_c = ops.tanh(state_c)
+            d_h = d_h + d_h_next
+            d_c = d_c_next + d_h * o * (1 - tanh_c * tanh_c)
+            d_z = ops.concatenate(
+                [d_c * g * i * (1 - i), d_c * prev_c * f * (1 - f), d_c * i * (1 - g * g), d_h * tanh_c * o * (1 - o)],
+                axis=-1,
+            )
+            return ops.matmul(d_z, recurrent_t), d_c * f, d_z
+
+        _, _, d_z = _accumulate(step, (zeros, zeros, ops.zeros_like(gates[0])),
+                                (d_states, states_c, previous_c, gates), reverse=True)  # fmt: skip
+        d_steps = ops.einsum("tdng,dcg->tdnc", d_z, kernel)  # (T, D, N, C)
+        d_steps = ops.reshape(d_steps, (d_steps.shape[0], -1, 2) + tuple(d_steps.shape[2:]))
+        d_sequences = d_steps[:, :, 0] + ops.flip(d_steps[:, :, 1], 0)
+        d_kernel = ops.einsum("tdnc,tdng->dcg", steps_inputs, d_z)
+        d_recurrent = ops.einsum("tdnu,tdng->dug", previous_h, d_z)
+        d_bias = ops.sum(d_z, axis=(0, 2))
+        return d_sequences, d_kernel, d_recurrent, d_bias
+
+    return _in_sequence_order(states_h), gradient
+
+
+def _trainable_scan(layer, training) -> bool:
+    """Whether the `"scan"` path runs `mix_scan_trainable`: on JAX, and on TensorFlow unless `training is False`
+    (inference keeps the projected scan, which XLA compiles fast); standard LSTM cells only."""
+    backend = keras.backend.backend()
+    if backend not in ("jax", "tensorflow") or (backend == "tensorflow" and training is False):
+        return False
+    return all(_is_standard_lstm(cell) for cell in _cells(layer))
 
 
 # === "torch": PyTorch's LSTM kernel ===

@@ -99,6 +99,27 @@ class SequencerInputs:
         if shape is not None and not isinstance(x, dict):
             self.check_images([None if s is None else int(s) for s in shape], batch=True)
 
+    def _build_optimizer_eagerly(self):
+        # Keras' TensorFlow trainer, when no tf.distribute strategy holds the model, builds the optimizer
+        # inside the first traced train step; its variables then make TensorFlow trace the step a second
+        # time, and creating them inside the traced graph is slow (for S, 816 slots: about half the time to
+        # the first step, benchmarks/README.md). Built here they are created once, eagerly.
+        if (
+            keras.backend.backend() == "tensorflow"
+            and getattr(self, "_distribute_strategy", None) is None
+            and getattr(self, "optimizer", None) is not None
+            and not self.optimizer.built
+        ):
+            self.optimizer.build(self.trainable_variables)
+
+    def fit(self, *args, **kwargs):
+        self._build_optimizer_eagerly()
+        return super().fit(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        self._build_optimizer_eagerly()
+        return super().train_on_batch(*args, **kwargs)
+
     def predict(self, x, *args, **kwargs):
         self._check_input(x)
         return super().predict(x, *args, **kwargs)

@@ -1,6 +1,6 @@
 """The token-mixing seam: which path runs, exporters' choice, and the paths' backend limits."""
 
-from conftest import BACKEND, TINY, to_numpy
+from conftest import BACKEND, TINY, load_timm_lstm2d, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -82,3 +82,72 @@ def test_export_paths_compute_the_lstm_on_tensorflow_only(path):
             x = keras.ops.convert_to_tensor(np.random.RandomState(sum(shape)).randn(*shape).astype("float32"))
             expected = to_numpy(token_mixing.mix_keras(layer, x))
             np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6, err_msg=str(shape))
+
+
+def _loss_and_gradients(layer, x, weights):
+    """sum(layer(x) * weights) and its gradients w.r.t. the input and every trainable variable, on this backend."""
+    variables = layer.trainable_variables
+    if BACKEND == "jax":
+        import jax
+
+        def loss(values, x):
+            out, _ = layer.stateless_call(values, [v.value for v in layer.non_trainable_variables], x, training=True)
+            return (out * weights).sum()
+
+        value, (d_values, d_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))([v.value for v in variables], x)
+        return float(value), np.asarray(d_x), [np.asarray(d) for d in d_values]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = tf.reduce_sum(layer(x, training=True) * weights)
+        d_x, *d_values = tape.gradient(value, [x, *variables])
+        return float(value), d_x.numpy(), [d.numpy() for d in d_values]
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    value = (layer(x, training=True) * torch.from_numpy(weights)).sum()
+    value.backward()
+    return float(value), x.grad.numpy(), [v.value.grad.numpy() for v in variables]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 6), (1, 3, 5, 6)], ids=["square", "non-square"])
+def test_scan_path_gradients_equal_timms(shape):
+    """The `"scan"` path's gradients (hand-written on TensorFlow and JAX) equal PyTorch autograd through timm's
+    LSTM2d: with respect to the input and to every LSTM and projection weight, on square maps (all four
+    directions in one loop) and non-square ones (two pairs)."""
+    from timm.models.sequencer import LSTM2d
+    import torch
+
+    torch.manual_seed(0)
+    module = LSTM2d(shape[-1], 3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = np.random.RandomState(1).randn(*shape).astype("float32")
+    weights = np.random.RandomState(2).randn(*shape).astype("float32")
+    x_torch = torch.tensor(x, requires_grad=True)
+    expected_loss = (module(x_torch) * torch.from_numpy(weights)).sum()
+    expected_loss.backward()
+    grads = {name: p.grad.numpy() for name, p in module.named_parameters()}
+
+    layer = BiLSTM2D(3, implementation="scan")
+    layer.build(shape)
+    load_timm_lstm2d(layer, module)
+    loss, d_x, d_values = _loss_and_gradients(layer, x, weights)
+    assert loss == pytest.approx(float(expected_loss), abs=1e-5)
+    np.testing.assert_allclose(d_x, x_torch.grad.numpy(), atol=1e-5, rtol=1e-5)
+    found = {v.path: d for v, d in zip(layer.trainable_variables, d_values, strict=True)}
+    expected = {}
+    for rnn in ("rnn_v", "rnn_h"):
+        for suffix, cell in (("", getattr(layer, rnn).forward_layer.cell),
+                             ("_reverse", getattr(layer, rnn).backward_layer.cell)):  # fmt: skip
+            expected[cell.kernel.path] = grads[f"{rnn}.weight_ih_l0{suffix}"].T
+            expected[cell.recurrent_kernel.path] = grads[f"{rnn}.weight_hh_l0{suffix}"].T
+            expected[cell.bias.path] = grads[f"{rnn}.bias_ih_l0{suffix}"]  # one Keras bias = b_ih + b_hh
+    expected[layer.fc.kernel.path], expected[layer.fc.bias.path] = grads["fc.weight"].T, grads["fc.bias"]
+    assert found.keys() == expected.keys()
+    for path, gradient in expected.items():
+        np.testing.assert_allclose(found[path], gradient, atol=1e-5, rtol=1e-5, err_msg=path)

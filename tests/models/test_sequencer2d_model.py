@@ -145,3 +145,23 @@ def test_config_round_trip_rebuilds_the_same_graph():
     assert type(clone) is ks.models.Sequencer2DModel
     assert [layer.get_config() for layer in clone.layers] == [layer.get_config() for layer in model.layers]
     assert clone.count_params() == model.count_params()
+
+
+@pytest.mark.backend_agnostic
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a property of Keras' TensorFlow trainer (the TensorFlow pass)")
+def test_tensorflow_fit_traces_the_training_step_once(monkeypatch):
+    """Without a tf.distribute strategy, Keras' TensorFlow trainer builds the optimizer inside the first
+    traced step, whose new variables make TensorFlow trace it again (twice the graph building before the
+    first step). The model builds its optimizer first: every token mixer is traced exactly once by `fit`."""
+    from keras_sequencer.layers import BiLSTM2D, token_mixing
+
+    traced = []
+    real = token_mixing.mix
+    monkeypatch.setattr(token_mixing, "mix", lambda *args, **kwargs: traced.append(1) or real(*args, **kwargs))
+    model = ks.Sequencer2D(**TINY, input_shape=(32, 32, 3), classes=5)
+    model.compile(optimizer="adamw", loss="sparse_categorical_crossentropy")
+    x = np.random.RandomState(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    traced.clear()
+    model.fit(x, np.arange(8) % 5, epochs=2, batch_size=4, verbose=0)
+    assert len(traced) == sum(isinstance(layer, BiLSTM2D) for layer in model._flatten_layers())
+    assert model.optimizer.built
