@@ -110,7 +110,7 @@ def _loss_and_gradients(layer, x, weights):
     x = torch.tensor(x, requires_grad=True)
     value = (layer(x, training=True) * torch.from_numpy(weights)).sum()
     value.backward()
-    return float(value), x.grad.numpy(), [v.value.grad.numpy() for v in variables]
+    return float(value.detach()), x.grad.numpy(), [v.value.grad.numpy() for v in variables]
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 4, 6), (1, 3, 5, 6)], ids=["square", "non-square"])

@@ -165,3 +165,21 @@ def test_tensorflow_fit_traces_the_training_step_once(monkeypatch):
     model.fit(x, np.arange(8) % 5, epochs=2, batch_size=4, verbose=0)
     assert len(traced) == sum(isinstance(layer, BiLSTM2D) for layer in model._flatten_layers())
     assert model.optimizer.built
+
+
+def test_scan_path_trains_like_the_keras_path():
+    """`fit` through the `"scan"` path (hand-written gradient on TensorFlow and JAX, compiled with XLA there)
+    ends with the weights that `fit` through Keras' LSTM layers reaches from the same start."""
+    x = np.random.RandomState(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    y = np.arange(8) % 5
+    trained = {}
+    for implementation in ("keras", "scan"):
+        keras.utils.set_random_seed(1)
+        model = ks.Sequencer2D(**TINY, input_shape=(32, 32, 3), classes=5, implementation=implementation)
+        xla = implementation == "scan" and BACKEND != "torch"  # "auto": XLA on JAX, none on TensorFlow or PyTorch
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="sparse_categorical_crossentropy",
+                      jit_compile=True if xla else "auto")  # fmt: skip
+        model.fit(x, y, epochs=3, batch_size=4, shuffle=False, verbose=0)
+        trained[implementation] = [to_numpy(w) for w in model.weights]
+    for found, expected in zip(trained["scan"], trained["keras"], strict=True):
+        np.testing.assert_allclose(found, expected, atol=1e-5, rtol=1e-5)
