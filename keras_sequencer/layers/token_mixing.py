@@ -291,8 +291,8 @@ def mix_scan_trainable(layer, x):
     of Keras' LSTM up to float rounding.
     """
     cells = _cells(layer)
-    batch, height, width, channels = x.shape
-    batch = ops.shape(x)[0]
+    _, height, width, channels = x.shape
+    batch = ops.shape(x)[0]  # may be unknown while tracing
     units = layer.hidden_size
 
     def weights(directions):
