@@ -360,8 +360,7 @@ def _bilstm_loop(sequences, kernel, recurrent, bias):
         state_c = f * state_c + i * g
         return o * ops.tanh(state_c), state_c, ops.concatenate([i, f, g, o], axis=-1)
 
-    states_h, states_c, gates = _accumulate(step, (zeros, zeros, ops.zeros_like(ops.concatenate([zeros] * 4, -1))),
-                                            steps_inputs)  # fmt: skip
+    states_h, states_c, gates = _accumulate(step, (zeros, zeros, ops.concatenate([zeros] * 4, axis=-1)), steps_inputs)
 
     def gradient(d_outputs):
         # d_outputs in scan-step order, (T, D, N, u).
@@ -387,8 +386,8 @@ def _bilstm_loop(sequences, kernel, recurrent, bias):
 
         _, _, d_z = _accumulate(step, (zeros, zeros, ops.zeros_like(gates[0])),
                                 (d_states, states_c, previous_c, gates), reverse=True)  # fmt: skip
-        d_steps = ops.einsum("tdng,dcg->tdnc", d_z, kernel)  # (T, D, N, C)
-        d_steps = ops.reshape(d_steps, (d_steps.shape[0], -1, 2) + tuple(d_steps.shape[2:]))
+        steps, directions, _, channels = steps_inputs.shape
+        d_steps = ops.reshape(ops.einsum("tdng,dcg->tdnc", d_z, kernel), (steps, directions // 2, 2, -1, channels))
         d_sequences = d_steps[:, :, 0] + ops.flip(d_steps[:, :, 1], 0)
         d_kernel = ops.einsum("tdnc,tdng->dcg", steps_inputs, d_z)
         d_recurrent = ops.einsum("tdnu,tdng->dug", previous_h, d_z)
