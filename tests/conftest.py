@@ -55,6 +55,17 @@ TINY = {
     "mlp_ratios": (3.0, 3.0, 3.0),
 }
 
+# One block: for tests of the training plumbing (processes, devices, resume), where the architecture is not what
+# is checked. Its training step traces and compiles in about a third of TINY's time, and those tests start
+# dozens of fresh processes.
+ONE_BLOCK = {
+    "layers": (1,),
+    "patch_sizes": (4,),
+    "embed_dims": (16,),
+    "hidden_sizes": (4,),
+    "mlp_ratios": (2.0,),
+}
+
 
 @functools.cache
 def timm_model(variant: str, seed: int = 0, **kwargs):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, TINY, run_python
+from conftest import ONE_BLOCK, REPO, run_python
 import keras
 import numpy as np
 import pytest
@@ -147,14 +147,14 @@ def _train_job(tmp_path, name, out, epochs, sharding="keras", hang_process=None,
         env = {"TEST_SHARDING": sharding}
         if i == hang_process:
             env["TEST_HANG_AT_EPOCH"] = str(hang_epoch)
-        job.start(["-c", _WORKER, out, epochs, 16, json.dumps(TINY)], i, 2, port, env=env)
+        job.start(["-c", _WORKER, out, epochs, 16, json.dumps(ONE_BLOCK)], i, 2, port, env=env)
     return job
 
 
 def _single_process(out, epochs):
     stdout = run_python(
         _WORKER.replace("sys.argv[1]", repr(str(out))).replace("sys.argv[2]", str(epochs))
-        .replace("sys.argv[3]", "16").replace("sys.argv[4]", repr(json.dumps(TINY))),
+        .replace("sys.argv[3]", "16").replace("sys.argv[4]", repr(json.dumps(ONE_BLOCK))),
         backend="jax",
     )  # fmt: skip
     return json.loads(stdout.split("HISTORY ")[1].splitlines()[0]), np.load(out / "weights-0.npz")
@@ -308,7 +308,7 @@ def test_a_global_batch_that_does_not_split_over_the_devices_is_refused():
         "import keras_sequencer as ks\n"
         "from keras_sequencer import train\n"
         "with train.distribution_scope():\n"
-        f"    model = ks.Sequencer2D(**{TINY!r}, classes=4, classifier_activation=None, input_shape=(16, 16, 3))\n"
+        f"    model = ks.Sequencer2D(**{ONE_BLOCK!r}, classes=4, classifier_activation=None, input_shape=(16, 16, 3))\n"
         "    try:\n"
         "        train.fit(model, None, None, train.get_recipe('fashion_mnist'), 15, 1, 'unused')\n"
         "    except ValueError as error:\n"

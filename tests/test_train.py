@@ -3,7 +3,7 @@
 import json
 import os
 
-from conftest import BACKEND, TINY, run_python, run_subprocess
+from conftest import BACKEND, ONE_BLOCK, TINY, run_python, run_subprocess
 import keras
 import numpy as np
 import pytest
@@ -155,12 +155,12 @@ print("ITERATIONS", int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
 
 
 def test_kill_and_resume_continues_from_the_last_finished_epoch(tmp_path):
-    first = run_subprocess(["-c", _RESUMABLE, tmp_path, "1", json.dumps(TINY)], timeout=600)
+    first = run_subprocess(["-c", _RESUMABLE, tmp_path, "1", json.dumps(ONE_BLOCK)], timeout=600)
     assert first.returncode == 3, first.stderr[-3000:]
     assert [line for line in first.stdout.splitlines() if line.startswith("EPOCH")] == ["EPOCH 0", "EPOCH 1"]
 
     second = run_python(_RESUMABLE.replace("sys.argv[1]", repr(str(tmp_path))).replace(
-        "int(sys.argv[2])", "-1").replace("sys.argv[3]", repr(json.dumps(TINY))))  # fmt: skip
+        "int(sys.argv[2])", "-1").replace("sys.argv[3]", repr(json.dumps(ONE_BLOCK))))  # fmt: skip
     epochs = [line for line in second.splitlines() if line.startswith("EPOCH")]
     assert epochs == ["EPOCH 2", "EPOCH 3"], second
     # Nothing lost: the optimizer counts every step of all four epochs.
@@ -179,7 +179,7 @@ def test_kill_and_resume_continues_from_the_last_finished_epoch(tmp_path):
     ]  # fmt: skip
     newest = tmp_path / "backup" / state["weights"]
     newest.write_bytes(newest.read_bytes()[:1000])
-    third = run_subprocess(["-c", _RESUMABLE, tmp_path, "-1", json.dumps(TINY)], timeout=600)
+    third = run_subprocess(["-c", _RESUMABLE, tmp_path, "-1", json.dumps(ONE_BLOCK)], timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "cannot be read" in third.stderr and state["weights"] in third.stderr
     assert [line for line in third.stdout.splitlines() if line.startswith("EPOCH")] == ["EPOCH 3"]
@@ -187,7 +187,7 @@ def test_kill_and_resume_continues_from_the_last_finished_epoch(tmp_path):
     assert json.loads((tmp_path / "backup" / "state.json").read_text())["previous"] == "epoch-0002.weights.h5"
     assert sorted(os.listdir(tmp_path / "backup"))[:2] == ["epoch-0002.weights.h5", "epoch-0003.weights.h5"]
 
-    fourth = run_subprocess(["-c", _RESUMABLE, tmp_path, "-1", json.dumps(TINY)], timeout=600)
+    fourth = run_subprocess(["-c", _RESUMABLE, tmp_path, "-1", json.dumps(ONE_BLOCK)], timeout=600)
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     assert "all 4 epochs are already trained; nothing to do" in fourth.stdout
     assert not [line for line in fourth.stdout.splitlines() if line.startswith("EPOCH")]
@@ -207,7 +207,7 @@ x = np.random.RandomState(0).uniform(0, 255, (64, 16, 16, 3)).astype("float32")
 y = keras.utils.to_categorical(np.arange(64) % 4, 4)
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
 with train.distribution_scope() as scope:
-    model = ks.Sequencer2D(**json.loads({tiny!r}), classes=4, classifier_activation=None)
+    model = ks.Sequencer2D(**json.loads({arch!r}), classes=4, classifier_activation=None)
     history = train.fit(model, ds, None, train.get_recipe("fashion_mnist"), 16, 4, {out!r}, epochs=3, verbose=0)
 print("REPLICAS", {replicas})
 print("LOSSES", json.dumps(history.history["loss"]))
@@ -222,7 +222,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)"
     )
     code = _DISTRIBUTED.format(
-        setup=setup, tiny=json.dumps(TINY), out=str(tmp_path), replicas="scope.num_replicas_in_sync"
+        setup=setup, arch=json.dumps(ONE_BLOCK), out=str(tmp_path), replicas="scope.num_replicas_in_sync"
     )
     out = run_python(code, backend="tensorflow")
     assert "REPLICAS 2" in out
@@ -233,7 +233,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
 @pytest.mark.backend_agnostic
 def test_jax_data_parallel_on_two_host_devices(tmp_path):
     code = _DISTRIBUTED.format(
-        setup="", tiny=json.dumps(TINY), out=str(tmp_path), replicas="len(scope.device_mesh.devices)"
+        setup="", arch=json.dumps(ONE_BLOCK), out=str(tmp_path), replicas="len(scope.device_mesh.devices)"
     )
     out = run_python(code, backend="jax", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert "REPLICAS 2" in out
