@@ -154,7 +154,7 @@ def mix(layer, x, training=None):
             f"Received: input shape={tuple(x.shape)}"
         )
     if path == "keras":
-        return mix_keras(layer, x)
+        return mix_keras(layer, x, unroll=_unrolls_keras_lstms)
     if path == "torch":
         check_implementation(path)  # the PyTorch backend only
         return mix_torch(layer, x)
@@ -170,18 +170,65 @@ def mix(layer, x, training=None):
 # === "keras": the Bidirectional(LSTM) sublayers ===
 
 
-def mix_keras(layer, x):
-    """The recurrent sublayers as composed Keras layers (any option of the mixer)."""
+# The longest sequence whose Keras LSTM steps TensorFlow runs unrolled (see `_unrolls_keras_lstms`).
+MAX_UNROLLED_STEPS = 8
+
+
+def _unrolls_keras_lstms(steps) -> bool:
+    """Whether the "keras" path unrolls the steps of LSTMs over `steps` tokens: on TensorFlow without a GPU,
+    when `steps` is known and at most `MAX_UNROLLED_STEPS`, and no exporter chose the path.
+
+    A TensorFlow graph runs each step of a `while_loop` (and of its gradient) through its executor's frame
+    machinery; for short sequences copies of the step cost less: the demo model (7 steps) trains ~20 % faster.
+    Longer sequences gain less per step and cost more to trace (S at 224, all loops unrolled: 8 % faster
+    steps, 60 s more before the first; benchmarks/README.md). On JAX unrolling doubled the compile time for
+    ~10 %, and the ONNX export needs the loops (tf2onnx maps them to ONNX `LSTM` ops).
+    """
+    return (
+        keras.backend.backend() == "tensorflow"
+        and _FORCED_PATH.get() is None
+        and isinstance(steps, int)
+        and steps <= MAX_UNROLLED_STEPS
+        and not gpu_backs_keras_lstm()
+    )
+
+
+@contextlib.contextmanager
+def _steps_unrolled(sequence_layer, unroll: bool):
+    """`sequence_layer` (an RNN, or a Bidirectional of two) runs with `unroll` inside the block.
+
+    Set per call, not in the layers' configs: a saved model keeps the loops, and each backend and call
+    chooses again.
+    """
+    rnns = [sequence_layer.forward_layer, sequence_layer.backward_layer] if hasattr(
+        sequence_layer, "forward_layer"
+    ) else [sequence_layer]  # fmt: skip
+    saved = [rnn.unroll for rnn in rnns]
+    for rnn in rnns:
+        rnn.unroll = unroll
+    try:
+        yield
+    finally:
+        for rnn, value in zip(rnns, saved, strict=True):
+            rnn.unroll = value
+
+
+def mix_keras(layer, x, unroll=None):
+    """The recurrent sublayers as composed Keras layers (any option of the mixer); `unroll(steps)` says whether
+    to unroll the steps of a direction over `steps` tokens (`_unrolls_keras_lstms`; by default never)."""
     batch, height, width = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
     channels = x.shape[-1]
     units = (2 if layer.bidirectional else 1) * layer.hidden_size
     v = h = None
     if layer.rnn_v is not None:  # vertical: one sequence of length `height` per column
         columns = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, height, channels))
-        v = ops.transpose(ops.reshape(layer.rnn_v(columns), (batch, width, height, units)), (0, 2, 1, 3))
+        with _steps_unrolled(layer.rnn_v, unroll is not None and unroll(x.shape[1])):
+            v_tokens = layer.rnn_v(columns)
+        v = ops.transpose(ops.reshape(v_tokens, (batch, width, height, units)), (0, 2, 1, 3))
     if layer.rnn_h is not None:  # horizontal: one sequence of length `width` per row
         rows = ops.reshape(x, (-1, width, channels))
-        h = ops.reshape(layer.rnn_h(rows), (batch, height, width, units))
+        with _steps_unrolled(layer.rnn_h, unroll is not None and unroll(x.shape[2])):
+            h = ops.reshape(layer.rnn_h(rows), (batch, height, width, units))
     if v is None or h is None:
         return h if v is None else v
     return ops.concatenate([v, h], axis=-1) if layer.union == "cat" else v + h

@@ -113,11 +113,13 @@ def _loss_and_gradients(layer, x, weights):
     return float(value.detach()), x.grad.numpy(), [v.value.grad.numpy() for v in variables]
 
 
+@pytest.mark.parametrize("implementation", ["scan", "keras"])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 6), (1, 3, 5, 6)], ids=["square", "non-square"])
-def test_scan_path_gradients_equal_timms(shape):
-    """The `"scan"` path's gradients (hand-written on TensorFlow and JAX) equal PyTorch autograd through timm's
-    LSTM2d: with respect to the input and to every LSTM and projection weight, on square maps (all four
-    directions in one loop) and non-square ones (two pairs)."""
+def test_training_path_gradients_equal_timms(shape, implementation):
+    """The training paths' gradients equal PyTorch autograd through timm's LSTM2d, with respect to the input and
+    to every LSTM and projection weight: the `"scan"` path (hand-written on TensorFlow and JAX) on square maps
+    (all four directions in one loop) and non-square ones (two pairs), and the `"keras"` path (on TensorFlow
+    these short sequences run unrolled)."""
     from timm.models.sequencer import LSTM2d
     import torch
 
@@ -133,7 +135,7 @@ def test_scan_path_gradients_equal_timms(shape):
     expected_loss.backward()
     grads = {name: p.grad.numpy() for name, p in module.named_parameters()}
 
-    layer = BiLSTM2D(3, implementation="scan")
+    layer = BiLSTM2D(3, implementation=implementation)
     layer.build(shape)
     load_timm_lstm2d(layer, module)
     loss, d_x, d_values = _loss_and_gradients(layer, x, weights)
@@ -151,3 +153,32 @@ def test_scan_path_gradients_equal_timms(shape):
     assert found.keys() == expected.keys()
     for path, gradient in expected.items():
         np.testing.assert_allclose(found[path], gradient, atol=1e-5, rtol=1e-5, err_msg=path)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="unrolling the Keras LSTMs' steps is TensorFlow's choice only")
+def test_tensorflow_unrolls_short_keras_lstm_loops_except_for_exporters():
+    """The "keras" path traces a direction without while-loops when its side of the map is known and at most
+    `MAX_UNROLLED_STEPS`, with loops beyond it, and always under an exporter's `use_path("keras")`; the layer's
+    config keeps the loops."""
+    import tensorflow as tf
+
+    layer = BiLSTM2D(3, implementation="keras")
+    layer.build((None, None, None, 6))
+
+    def loops(shape, forced=False):
+        spec = tf.TensorSpec(shape, tf.float32)
+        function = tf.function(lambda x: layer(x, training=True))
+        if forced:
+            with token_mixing.use_path("keras"):
+                graph = function.get_concrete_function(spec).graph
+        else:
+            graph = function.get_concrete_function(spec).graph
+        return sum(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
+
+    limit = token_mixing.MAX_UNROLLED_STEPS
+    assert loops((2, limit, 3, 6)) == 0
+    assert loops((2, limit + 1, 3, 6)) == 2  # the vertical pair (forward and backward) loops, rows are unrolled
+    assert loops((2, 3, limit + 1, 6)) == 2
+    assert loops((2, None, None, 6)) == 4
+    assert loops((2, 3, 5, 6), forced=True) == 4
+    assert not layer.rnn_v.forward_layer.unroll and not layer.rnn_v.forward_layer.get_config()["unroll"]
