@@ -224,6 +224,35 @@ def load_timm_lstm2d(layer, module) -> None:
     layer.fc.bias.assign(sd["fc.bias"])
 
 
+def loss_and_gradients(layer, x, weights):
+    """sum(layer(x) * weights) and its gradients w.r.t. the input and every trainable variable, on this backend."""
+    variables = layer.trainable_variables
+    if BACKEND == "jax":
+        import jax
+
+        def loss(values, x):
+            out, _ = layer.stateless_call(values, [v.value for v in layer.non_trainable_variables], x, training=True)
+            return (out * weights).sum()
+
+        value, (d_values, d_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))([v.value for v in variables], x)
+        return float(value), np.asarray(d_x), [np.asarray(d) for d in d_values]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = tf.reduce_sum(layer(x, training=True) * weights)
+        d_x, *d_values = tape.gradient(value, [x, *variables])
+        return float(value), d_x.numpy(), [d.numpy() for d in d_values]
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    value = (layer(x, training=True) * torch.from_numpy(weights)).sum()
+    value.backward()
+    return float(value.detach()), x.grad.numpy(), [v.value.grad.numpy() for v in variables]
+
+
 def torch_rnn(kind, channels, units, bidirectional):
     import torch
 

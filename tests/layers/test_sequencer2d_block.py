@@ -1,8 +1,9 @@
 """Sequencer2DBlock: layer contract, gradients through both residual branches, and timm's block."""
 
-from conftest import load_timm_lstm2d, run_layer_test, to_numpy
+from conftest import load_timm_lstm2d, loss_and_gradients, run_layer_test, to_numpy
 import keras
 import numpy as np
+import pytest
 
 from keras_sequencer.layers import Sequencer2DBlock
 
@@ -28,20 +29,18 @@ def test_sequencer2d_block_layer_contract_and_gradients():
     assert all(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_sequencer2d_block_matches_timm_block():
+def _block_and_timms(mlp_ratio=3.0):
+    """A Sequencer2DBlock carrying the weights of a perturbed timm Sequencer2dBlock (8 channels, hidden size 3)."""
     from timm.models.sequencer import Sequencer2dBlock
     import torch
 
     torch.manual_seed(3)
-    module = Sequencer2dBlock(8, 3, mlp_ratio=3.0).eval()
+    module = Sequencer2dBlock(8, 3, mlp_ratio=mlp_ratio)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    x = np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32")
-    with torch.no_grad():
-        expected = module(torch.from_numpy(x)).numpy()
-    block = Sequencer2DBlock(3)
-    block.build(x.shape)
+    block = Sequencer2DBlock(3, mlp_ratio=mlp_ratio)
+    block.build((2, 4, 3, 8))
     sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     load_timm_lstm2d(block.rnn_tokens, module.rnn_tokens)
     for norm in ("norm1", "norm2"):
@@ -50,4 +49,44 @@ def test_sequencer2d_block_matches_timm_block():
     for fc in ("fc1", "fc2"):
         getattr(block, fc).kernel.assign(sd[f"mlp_channels.{fc}.weight"].T)
         getattr(block, fc).bias.assign(sd[f"mlp_channels.{fc}.bias"])
+    return block, module
+
+
+def test_sequencer2d_block_matches_timm_block():
+    import torch
+
+    block, module = _block_and_timms()
+    x = np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32")
+    with torch.no_grad():
+        expected = module.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(to_numpy(block(x)), expected, rtol=0, atol=5e-6)
+
+
+def test_training_gradients_equal_timms_autograd():
+    """In training mode (TensorFlow: the GELU with its written-out gradient) the block's gradients with respect to
+    its input and every weight equal PyTorch autograd through timm's block."""
+    import torch
+
+    block, module = _block_and_timms()
+    x = np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32") * 2.0
+    weights = np.random.RandomState(4).randn(*x.shape).astype("float32")
+    x_torch = torch.tensor(x, requires_grad=True)
+    expected_loss = (module.train()(x_torch) * torch.from_numpy(weights)).sum()
+    expected_loss.backward()
+    loss, d_x, d_values = loss_and_gradients(block, x, weights)
+    assert loss == pytest.approx(float(expected_loss), abs=1e-4)
+    np.testing.assert_allclose(d_x, x_torch.grad.numpy(), atol=1e-5, rtol=1e-5)
+    grads = {name: p.grad.numpy() for name, p in module.named_parameters()}
+    found = {v.path: d for v, d in zip(block.trainable_variables, d_values, strict=True)}
+    for norm in ("norm1", "norm2"):
+        layer = getattr(block, norm)
+        np.testing.assert_allclose(found[layer.gamma.path], grads[f"{norm}.weight"], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(found[layer.beta.path], grads[f"{norm}.bias"], atol=1e-5, rtol=1e-5)
+    for fc in ("fc1", "fc2"):
+        layer = getattr(block, fc)
+        np.testing.assert_allclose(found[layer.kernel.path], grads[f"mlp_channels.{fc}.weight"].T, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(found[layer.bias.path], grads[f"mlp_channels.{fc}.bias"], atol=1e-5, rtol=1e-5)
+    mixer = block.rnn_tokens
+    np.testing.assert_allclose(found[mixer.fc.kernel.path], grads["rnn_tokens.fc.weight"].T, atol=1e-5, rtol=1e-5)
+    cell = mixer.rnn_v.forward_layer.cell
+    np.testing.assert_allclose(found[cell.kernel.path], grads["rnn_tokens.rnn_v.weight_ih_l0"].T, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,6 @@
 """The token-mixing seam: which path runs, exporters' choice, and the paths' backend limits."""
 
-from conftest import BACKEND, TINY, load_timm_lstm2d, to_numpy
+from conftest import BACKEND, TINY, load_timm_lstm2d, loss_and_gradients, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -84,35 +84,6 @@ def test_export_paths_compute_the_lstm_on_tensorflow_only(path):
             np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6, err_msg=str(shape))
 
 
-def _loss_and_gradients(layer, x, weights):
-    """sum(layer(x) * weights) and its gradients w.r.t. the input and every trainable variable, on this backend."""
-    variables = layer.trainable_variables
-    if BACKEND == "jax":
-        import jax
-
-        def loss(values, x):
-            out, _ = layer.stateless_call(values, [v.value for v in layer.non_trainable_variables], x, training=True)
-            return (out * weights).sum()
-
-        value, (d_values, d_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))([v.value for v in variables], x)
-        return float(value), np.asarray(d_x), [np.asarray(d) for d in d_values]
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        x = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            value = tf.reduce_sum(layer(x, training=True) * weights)
-        d_x, *d_values = tape.gradient(value, [x, *variables])
-        return float(value), d_x.numpy(), [d.numpy() for d in d_values]
-    import torch
-
-    x = torch.tensor(x, requires_grad=True)
-    value = (layer(x, training=True) * torch.from_numpy(weights)).sum()
-    value.backward()
-    return float(value.detach()), x.grad.numpy(), [v.value.grad.numpy() for v in variables]
-
-
 @pytest.mark.parametrize("implementation", ["scan", "keras"])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 6), (1, 3, 5, 6)], ids=["square", "non-square"])
 def test_training_path_gradients_equal_timms(shape, implementation):
@@ -138,7 +109,7 @@ def test_training_path_gradients_equal_timms(shape, implementation):
     layer = BiLSTM2D(3, implementation=implementation)
     layer.build(shape)
     load_timm_lstm2d(layer, module)
-    loss, d_x, d_values = _loss_and_gradients(layer, x, weights)
+    loss, d_x, d_values = loss_and_gradients(layer, x, weights)
     assert loss == pytest.approx(float(expected_loss), abs=1e-5)
     np.testing.assert_allclose(d_x, x_torch.grad.numpy(), atol=1e-5, rtol=1e-5)
     found = {v.path: d for v, d in zip(layer.trainable_variables, d_values, strict=True)}
