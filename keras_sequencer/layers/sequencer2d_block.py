@@ -38,7 +38,7 @@ def _tf_gelu_with_gradient(x):
     Without XLA TensorFlow runs each elementwise op of the MLP's widest tensor
     as a separate pass over memory; differentiating the written-out GELU takes
     about a dozen of them, this gradient seven (reusing `Phi(x)` from the
-    forward pass). The demo model's training step is ~5 % faster on an AVX2
+    forward pass). The demo model's training step is ~6 % faster on an AVX2
     CPU (`benchmarks/README.md`). Only for training: exporters and inference
     trace the plain form, which has no gradient override in its graph.
     """

@@ -29,17 +29,17 @@ def test_sequencer2d_block_layer_contract_and_gradients():
     assert all(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
 
 
-def _block_and_timms(mlp_ratio=3.0):
+def _block_and_timms():
     """A Sequencer2DBlock carrying the weights of a perturbed timm Sequencer2dBlock (8 channels, hidden size 3)."""
     from timm.models.sequencer import Sequencer2dBlock
     import torch
 
     torch.manual_seed(3)
-    module = Sequencer2dBlock(8, 3, mlp_ratio=mlp_ratio)
+    module = Sequencer2dBlock(8, 3, mlp_ratio=3.0)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    block = Sequencer2DBlock(3, mlp_ratio=mlp_ratio)
+    block = Sequencer2DBlock(3, mlp_ratio=3.0)
     block.build((2, 4, 3, 8))
     sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     load_timm_lstm2d(block.rnn_tokens, module.rnn_tokens)
