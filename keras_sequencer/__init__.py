@@ -19,6 +19,7 @@ from keras_sequencer.models import (
     stage_info,
 )
 from keras_sequencer.models.backbone import KERAS_HUB_AVAILABLE
+from keras_sequencer.precision import PrecisionWarning
 from keras_sequencer.presets import CHECKPOINTS
 from keras_sequencer.sharing import convert_to_preset, load_preset, save_preset
 
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CHECKPOINTS",
+    "PrecisionWarning",
     "Sequencer2D",
     "Sequencer2DBackbone",
     "Sequencer2DL",

@@ -7,6 +7,7 @@ import keras
 
 from keras_sequencer.layers import PatchEmbed
 from keras_sequencer.layers.token_mixing import gpu_backs_keras_lstm
+from keras_sequencer.precision import warn_if_slower_than_float32
 
 
 class SequencerInputs:
@@ -24,6 +25,10 @@ class SequencerInputs:
         self.min_image_size = math.prod(layer.patch_size for layer in self.layers if isinstance(layer, PatchEmbed))
         # TensorFlow without a GPU: compile `predict` with XLA (see `make_predict_function`).
         self.xla_predict_on_cpu = True
+        # A 16-bit policy that is slower than float32 on this machine (a CPU without the instructions) says so.
+        for dtype in ("bfloat16", "float16"):
+            if any(layer.compute_dtype == dtype for layer in self.layers):
+                warn_if_slower_than_float32(dtype)
 
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
