@@ -57,6 +57,48 @@ def _tf_gelu_with_gradient(x):
     return gelu(x)
 
 
+def _layer_norm(layer, x, training=None):
+    """`layer(x)` for a `LayerNormalization` over the last axis; TensorFlow's float32 training steps take
+    `_tf_layer_norm_with_gradient`, the same function with a shorter gradient."""
+    if training and keras.backend.backend() == "tensorflow" and layer.compute_dtype == "float32":
+        return _tf_layer_norm_with_gradient(x, layer.gamma.value, layer.beta.value, layer.epsilon)
+    return layer(x)
+
+
+def _tf_layer_norm_with_gradient(x, gamma, beta, epsilon):
+    """Layer normalisation over the last axis, computed as Keras' `LayerNormalization`, with its gradient
+    written out.
+
+    With `xhat = (x - mean) * rstd` and `g = upstream * gamma`, the input's gradient is
+    `rstd * (g - mean(g) - xhat * mean(g * xhat))` (means over the channels); `gamma` gets
+    `sum(upstream * xhat)` and `beta` `sum(upstream)` over the other axes. TensorFlow's autodiff of the
+    moments and the affine ops runs more passes over the tensor, each a separate kernel without XLA. Only
+    for training: inference and exporters call the Keras layer.
+    """
+    import tensorflow as tf
+
+    # Read outside the custom gradient, whose inputs must be tensors; the reads are differentiated as usual.
+    gamma, beta = tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta)
+
+    @tf.custom_gradient
+    def layer_norm(x, gamma, beta):
+        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+        centred = x - mean
+        rstd = tf.math.rsqrt(tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True) + epsilon)
+        xhat = centred * rstd
+
+        def grad(upstream):
+            batch_axes = list(range(len(x.shape) - 1))
+            g = upstream * gamma
+            dx = rstd * (g - tf.reduce_mean(g, axis=-1, keepdims=True)
+                         - xhat * tf.reduce_mean(g * xhat, axis=-1, keepdims=True))  # fmt: skip
+            return dx, tf.reduce_sum(upstream * xhat, axis=batch_axes), tf.reduce_sum(upstream, axis=batch_axes)
+
+        return xhat * gamma + beta, grad
+
+    return layer_norm(x, gamma, beta)
+
+
 @keras.saving.register_keras_serializable(package="keras_sequencer")
 class Sequencer2DBlock(keras.layers.Layer):
     """One Sequencer2D block on a channels-last feature map.
@@ -145,8 +187,9 @@ class Sequencer2DBlock(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = inputs
-        x = x + self.drop_path(self.rnn_tokens(self.norm1(x), training=training), training=training)
-        mlp = self.fc2(_gelu(self.fc1(self.norm2(x)), training=training))
+        x = x + self.drop_path(self.rnn_tokens(_layer_norm(self.norm1, x, training), training=training),
+                               training=training)  # fmt: skip
+        mlp = self.fc2(_gelu(self.fc1(_layer_norm(self.norm2, x, training)), training=training))
         return x + self.drop_path(mlp, training=training)
 
     def compute_output_shape(self, input_shape):

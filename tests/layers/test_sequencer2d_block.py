@@ -63,8 +63,8 @@ def test_sequencer2d_block_matches_timm_block():
 
 
 def test_training_gradients_equal_timms_autograd():
-    """In training mode (TensorFlow: the GELU with its written-out gradient) the block's gradients with respect to
-    its input and every weight equal PyTorch autograd through timm's block."""
+    """In training mode (TensorFlow: the GELU and the layer norms with their written-out gradients) the block's
+    gradients with respect to its input and every weight equal PyTorch autograd through timm's block."""
     import torch
 
     block, module = _block_and_timms()
