@@ -30,6 +30,11 @@ if [ "$workers" -gt 1 ]; then
     export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 fi
 reports=$(mktemp -d)
+# Tests that build the same model at the same shapes compile the same XLA programs; JAX's persistent
+# compilation cache, in this run's temporary folder (removed at the end), lets the later ones, other
+# xdist workers and the tests' subprocesses reuse them. Nothing outlives the run.
+export JAX_COMPILATION_CACHE_DIR="$reports/jax-cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 status=0
 for backend in tensorflow jax torch; do
     selection=(-m "not hub")
