@@ -96,7 +96,7 @@ def slower_than_float32_reason(
 
 def _caller_stacklevel() -> int:
     """The `stacklevel` that points a warning at the first frame outside this package and Keras (user code)."""
-    ours = (os.path.dirname(__file__), os.path.dirname(keras.__file__))
+    ours = (os.path.dirname(__file__) + os.sep, os.path.dirname(keras.__file__) + os.sep)  # not keras_hub
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(ours):
         frame, level = frame.f_back, level + 1
@@ -113,8 +113,8 @@ def warn_if_slower_than_float32(compute_dtype: str) -> None:
     _warned.add(compute_dtype)
     warnings.warn(
         f"This Sequencer2D computes in {compute_dtype} on a CPU, where float32 is faster: {reason}. "
-        "For speed set `keras.config.set_dtype_policy('float32')` before building the model; mixed precision "
-        "pays on GPUs and TPUs (benchmarks/README.md, 'Mixed precision on a CPU').",
+        "For speed set `keras.config.set_dtype_policy('float32')` before building the model; it is measured "
+        "in the repository's benchmarks/README.md, 'Mixed precision on a CPU'.",
         PrecisionWarning,
         stacklevel=_caller_stacklevel(),
     )

@@ -30,11 +30,12 @@ if [ "$workers" -gt 1 ]; then
     export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 fi
 reports=$(mktemp -d)
+trap 'rm -rf "$reports"' EXIT
 # Tests that build the same model at the same shapes compile the same XLA programs; JAX's persistent
-# compilation cache, in this run's temporary folder (removed at the end), lets the later ones, other
-# xdist workers and the tests' subprocesses reuse them. Nothing outlives the run.
-export JAX_COMPILATION_CACHE_DIR="$reports/jax-cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+# compilation cache, in this run's temporary folder, lets the later ones, the other xdist worker and the
+# tests' subprocesses reuse them. A size limit makes JAX lock the folder (workers write it concurrently).
+export JAX_COMPILATION_CACHE_DIR="$reports/jax-cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
+    JAX_COMPILATION_CACHE_MAX_SIZE=$((4 * 1024 * 1024 * 1024))
 status=0
 for backend in tensorflow jax torch; do
     selection=(-m "not hub")
@@ -75,5 +76,4 @@ for seconds, backend, name in sorted(rows, reverse=True)[:25]:
     print(f"{seconds:8.1f} s  {backend:10s}  {name}")
 print(f"{sum(r[0] for r in rows):8.1f} s  in {len(rows)} tests")
 EOF
-rm -rf "$reports"
 exit $status

@@ -224,8 +224,10 @@ def load_timm_lstm2d(layer, module) -> None:
     layer.fc.bias.assign(sd["fc.bias"])
 
 
-def loss_and_gradients(layer, x, weights):
-    """sum(layer(x) * weights) and its gradients w.r.t. the input and every trainable variable, on this backend."""
+def loss_and_gradients(layer, x, weights, graph=False):
+    """sum(layer(x) * weights) and its gradients w.r.t. the input and every trainable variable, on this backend.
+
+    `graph`: on TensorFlow, inside a `tf.function` (as `fit` runs it) rather than eagerly."""
     variables = layer.trainable_variables
     if BACKEND == "jax":
         import jax
@@ -239,11 +241,13 @@ def loss_and_gradients(layer, x, weights):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        x = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            value = tf.reduce_sum(layer(x, training=True) * weights)
-        d_x, *d_values = tape.gradient(value, [x, *variables])
+        def loss(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                value = tf.reduce_sum(layer(x, training=True) * weights)
+            return value, tape.gradient(value, [x, *variables])
+
+        value, (d_x, *d_values) = (tf.function(loss) if graph else loss)(tf.constant(x))
         return float(value), d_x.numpy(), [d.numpy() for d in d_values]
     import torch
 

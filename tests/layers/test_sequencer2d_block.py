@@ -1,6 +1,6 @@
 """Sequencer2DBlock: layer contract, gradients through both residual branches, and timm's block."""
 
-from conftest import load_timm_lstm2d, loss_and_gradients, run_layer_test, to_numpy
+from conftest import BACKEND, load_timm_lstm2d, loss_and_gradients, run_layer_test, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -62,9 +62,15 @@ def test_sequencer2d_block_matches_timm_block():
     np.testing.assert_allclose(to_numpy(block(x)), expected, rtol=0, atol=5e-6)
 
 
-def test_training_gradients_equal_timms_autograd():
-    """In training mode (TensorFlow: the GELU and the layer norms with their written-out gradients) the block's
-    gradients with respect to its input and every weight equal PyTorch autograd through timm's block."""
+# `tf.function` (how `fit` runs a step) is TensorFlow's; JAX's case is jitted, PyTorch's eager.
+_MODES = {"eager": False, "tf_function": True} if BACKEND == "tensorflow" else {BACKEND: False}
+
+
+@pytest.mark.parametrize("graph", _MODES.values(), ids=_MODES.keys())
+def test_training_gradients_equal_timms_autograd(graph):
+    """In training mode (TensorFlow: the GELU and the layer norms with their written-out gradients, eagerly and in
+    a `tf.function`) the block's gradients w.r.t. its input and every weight equal PyTorch autograd through timm's
+    block."""
     import torch
 
     block, module = _block_and_timms()
@@ -73,7 +79,7 @@ def test_training_gradients_equal_timms_autograd():
     x_torch = torch.tensor(x, requires_grad=True)
     expected_loss = (module.train()(x_torch) * torch.from_numpy(weights)).sum()
     expected_loss.backward()
-    loss, d_x, d_values = loss_and_gradients(block, x, weights)
+    loss, d_x, d_values = loss_and_gradients(block, x, weights, graph=graph)
     assert loss == pytest.approx(float(expected_loss), abs=1e-4)
     np.testing.assert_allclose(d_x, x_torch.grad.numpy(), atol=1e-5, rtol=1e-5)
     grads = {name: p.grad.numpy() for name, p in module.named_parameters()}
