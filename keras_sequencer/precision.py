@@ -1,4 +1,4 @@
-"""Whether a mixed-precision policy pays on this machine, and a warning, once per process, when it does not.
+"""Whether a mixed-precision policy pays on this machine, and a warning, once per process and dtype, when it does not.
 
 Sequencer's time goes into matmuls and the LSTM recurrence's small elementwise ops. On a CPU, 16-bit compute
 pays only where the hardware multiplies 16-bit numbers natively and the backend uses those instructions:
