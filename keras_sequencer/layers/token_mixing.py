@@ -39,6 +39,7 @@ import contextlib
 import contextvars
 import functools
 import uuid
+import weakref
 
 import keras
 from keras import ops
@@ -470,11 +471,7 @@ def mix_torch(layer, x):
     def bilstm(bidirectional, sequences):
         weights = []
         for cell in (bidirectional.forward_layer.cell, bidirectional.backward_layer.cell):
-            # Keras: kernel (C, 4u), recurrent (u, 4u), one bias; torch: transposed, two biases.
-            bias = cell.bias.value.to(sequences.dtype)
-            weights += [cell.kernel.value.to(sequences.dtype).T.contiguous(),
-                        cell.recurrent_kernel.value.to(sequences.dtype).T.contiguous(),
-                        bias, torch.zeros_like(bias)]  # fmt: skip
+            weights += _torch_lstm_weights(cell, sequences.dtype)
         zeros = sequences.new_zeros((2, sequences.shape[0], units))
         # (input, (h0, c0), weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         return torch.lstm(sequences, (zeros, zeros), weights, True, 1, 0.0, False, True, True)[0]
@@ -484,6 +481,41 @@ def mix_torch(layer, x):
     v = bilstm(layer.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
     h = bilstm(layer.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)
     return torch.cat([v, h], dim=-1)
+
+
+# cell -> (dtype, the variables' tensors, their versions, the copies in torch's layout); weak: dies with the cell.
+_TORCH_LAYOUT = weakref.WeakKeyDictionary()
+
+
+def _torch_lstm_weights(cell, dtype):
+    """One LSTM cell's weights as `torch.lstm` takes them: `[W_ih, W_hh, b_ih, b_hh]`.
+
+    Keras keeps kernel `(C, 4u)`, recurrent kernel `(u, 4u)` and one bias;
+    torch wants them transposed and two biases. The transposes are copies,
+    and at batch 1 copying S's 144 matrices on every call cost about 10 % of
+    a forward pass. Without autograd (inference) the copies are kept and
+    reused until a variable changes: Keras writes variables in place, which
+    bumps the tensor's version counter, part of the cache key. With
+    autograd they are made per call, so gradients reach the variables.
+    """
+    import torch
+
+    sources = (cell.kernel.value, cell.recurrent_kernel.value, cell.bias.value)
+
+    def layout():
+        kernel, recurrent, bias = (t.to(dtype) for t in sources)
+        return [kernel.T.contiguous(), recurrent.T.contiguous(), bias, torch.zeros_like(bias)]
+
+    if torch.is_grad_enabled():
+        return layout()
+    versions = tuple(t._version for t in sources)
+    cached = _TORCH_LAYOUT.get(cell)
+    if cached is None or not (
+        cached[0] == dtype and cached[2] == versions and all(a is b for a, b in zip(cached[1], sources, strict=True))
+    ):
+        cached = (dtype, sources, versions, layout())
+        _TORCH_LAYOUT[cell] = cached
+    return cached[3]
 
 
 # === "tflite_unrolled": a flat graph for TFLite's XNNPACK delegate (export only) ===

@@ -68,6 +68,36 @@ def test_torch_path_needs_the_torch_backend():
         np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), to_numpy(token_mixing.mix_keras(layer, x)))
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch path, and its weight copies, exist on PyTorch only")
+def test_torch_path_reuses_its_weight_copies_only_while_the_weights_stay():
+    """Inference on the torch path keeps the LSTM weights in torch's layout between calls; after
+    `set_weights` or an optimizer step the next call mixes with the new weights, as Keras' own LSTMs do."""
+    import torch
+
+    layer, x = _layer_and_input(implementation="torch")
+    cell = layer.rnn_h.backward_layer.cell
+    with torch.no_grad():
+        first = to_numpy(token_mixing.mix(layer, x))
+        copies = token_mixing._torch_lstm_weights(cell, torch.float32)
+        assert token_mixing._torch_lstm_weights(cell, torch.float32) is copies
+        np.testing.assert_array_equal(to_numpy(token_mixing.mix(layer, x)), first)
+    with torch.enable_grad():  # autograd: fresh copies that carry the gradient to the variables
+        assert token_mixing._torch_lstm_weights(cell, torch.float32)[0].requires_grad
+
+    layer.set_weights([w * 1.5 + 0.1 for w in layer.get_weights()])
+    with torch.no_grad():
+        after_set = to_numpy(token_mixing.mix(layer, x))
+    assert np.abs(after_set - first).max() > 1e-2
+    np.testing.assert_allclose(after_set, to_numpy(token_mixing.mix_keras(layer, x)), atol=2e-6)
+
+    variables = layer.trainable_variables
+    keras.optimizers.SGD(0.05).apply([keras.ops.ones_like(v) for v in variables], variables)
+    with torch.no_grad():
+        after_step = to_numpy(token_mixing.mix(layer, x))
+    assert np.abs(after_step - after_set).max() > 1e-3
+    np.testing.assert_allclose(after_step, to_numpy(token_mixing.mix_keras(layer, x)), atol=2e-6)
+
+
 @pytest.mark.parametrize("path", token_mixing.EXPORT_PATHS)
 def test_export_paths_compute_the_lstm_on_tensorflow_only(path):
     """The export-only paths build TensorFlow graphs: the same tokens there, on non-square and square maps at
