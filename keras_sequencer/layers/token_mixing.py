@@ -492,7 +492,7 @@ def _torch_lstm_weights(cell, dtype):
 
     Keras keeps kernel `(C, 4u)`, recurrent kernel `(u, 4u)` and one bias;
     torch wants them transposed and two biases. The transposes are copies,
-    and at batch 1 copying S's 144 matrices on every call cost about 10 % of
+    and at batch 1 copying S's 144 matrices on every call cost about 12 % of
     a forward pass. Without autograd (inference) the copies are kept and
     reused until a variable changes: Keras writes variables in place, which
     bumps the tensor's version counter, part of the cache key. With
