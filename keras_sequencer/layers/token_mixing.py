@@ -483,7 +483,8 @@ def mix_torch(layer, x):
     return torch.cat([v, h], dim=-1)
 
 
-# cell -> (dtype, the variables' tensors, their versions, the copies in torch's layout); weak: dies with the cell.
+# cell -> (stamp, the variables' tensors, their copies in torch's layout); weak: dies with the cell. The entry
+# holds the tensors, so the ids in its stamp cannot be reused while it lives.
 _TORCH_LAYOUT = weakref.WeakKeyDictionary()
 
 
@@ -508,14 +509,12 @@ def _torch_lstm_weights(cell, dtype):
 
     if torch.is_grad_enabled():
         return layout()
-    versions = tuple(t._version for t in sources)
+    stamp = (dtype, *(id(t) for t in sources), *(t._version for t in sources))
     cached = _TORCH_LAYOUT.get(cell)
-    if cached is None or not (
-        cached[0] == dtype and cached[2] == versions and all(a is b for a, b in zip(cached[1], sources, strict=True))
-    ):
-        cached = (dtype, sources, versions, layout())
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, sources, layout())
         _TORCH_LAYOUT[cell] = cached
-    return cached[3]
+    return cached[2]
 
 
 # === "tflite_unrolled": a flat graph for TFLite's XNNPACK delegate (export only) ===
