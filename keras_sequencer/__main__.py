@@ -163,11 +163,15 @@ def _bench_input(args) -> int:
 def _bench(args) -> int:
     from keras_sequencer.bench import run
 
-    run(variants=args.variants, backends=args.backends, paths=args.paths, batch_sizes=args.batch_sizes,
-        size=args.size, runs=args.runs, warmup=args.warmup, train=not args.no_train, memory=not args.no_memory,
-        memory_size=args.memory_size, tflite=not args.no_tflite, gemm_size=args.gemm_size,
-        dtype_policy=args.dtype_policy, output=args.output)  # fmt: skip
+    result = run(variants=args.variants, backends=args.backends, paths=args.paths, batch_sizes=args.batch_sizes,
+                 size=args.size, runs=args.runs, warmup=args.warmup, train=not args.no_train,
+                 memory=not args.no_memory, memory_size=args.memory_size, tflite=not args.no_tflite,
+                 gemm_size=args.gemm_size, dtype_policy=args.dtype_policy, output=args.output)  # fmt: skip
     print(f"wrote {args.output}/bench.json, bench.md, bench.png")
+    if result["failures"]:
+        print(f"error: {len(result['failures'])} engine(s) failed (above; their errors are in bench.json)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

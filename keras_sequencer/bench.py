@@ -22,12 +22,22 @@ matmul work (`analysis.count_macs`, LSTMs included; a training step counted
 as 3x the forward pass). No exact float32 implementation can pass 100 %.
 
 With `dtype_policy="mixed_bfloat16"` our model runs under that Keras policy and timm under
-`torch.autocast("cpu", torch.bfloat16)`: same compute dtype on both sides (the ceiling stays the fp32 one,
-so bfloat16 rows can pass 100 % on CPUs with AVX512-BF16 or AMX).
+`torch.autocast(device, torch.bfloat16)`: same compute dtype on both sides (the ceiling stays the fp32 one,
+so bfloat16 rows can pass 100 % on CPUs with AVX512-BF16 or AMX). `"mixed_float16"` (timm: float16 autocast,
+AMP) needs a GPU.
+
+On a machine with a CUDA GPU, timm, the matmul ceiling and Keras on JAX and PyTorch run on it (Keras places
+its variables there itself; TensorFlow needs its GPU build): timm's calls end with `torch.cuda.synchronize()`,
+and Keras' `predict_on_batch` / `train_on_batch` return host values, so every time includes the device's
+work. The memory rows measure host memory and are skipped there. The `path` column shows, for `"auto"`,
+which path it chose for that task on that machine.
 
 The result: a table with images/s, the ratio to timm (same machine, same
 run) and the share of the ceiling, a JSON file with every number and the
 versions, and a PNG chart.
+bench.json is rewritten after every engine (`"complete": false` until the end), so a run stopped midway
+keeps what it measured; an engine whose process fails is logged with its error, listed under `"failures"`,
+and the others still run (the command then exits with 1).
 It is a benchmark, never a test: absolute figures mean little on a shared CPU.
 """
 
@@ -41,12 +51,20 @@ import time
 
 VARIANTS = ("s", "m", "l")
 BACKENDS = ("tensorflow", "jax", "torch")
-PATHS = ("auto", "keras", "fused", "scan")
-DEFAULT_PATHS = ("auto", "keras", "fused")  # "scan" on request
-# Keras' policy for our model -> the dtype of timm's torch.autocast (None: plain float32). float16 is
-# for GPUs, which this benchmark does not drive yet.
-_AUTOCAST = {"float32": None, "mixed_bfloat16": "bfloat16"}
+PATHS = ("auto", "keras", "fused", "scan", "torch")
+DEFAULT_PATHS = ("auto", "keras", "fused")  # "scan" and "torch" (PyTorch only) on request
+# Keras' policy for our model -> the dtype of timm's torch.autocast (None: plain float32); float16 on GPUs only.
+_AUTOCAST = {"float32": None, "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 DTYPE_POLICIES = tuple(_AUTOCAST)
+
+
+def _torch_device():
+    """timm's device and a function that waits for its queued work: the GPU where PyTorch sees one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.cuda.synchronize
+    return torch.device("cpu"), lambda: None
 
 
 def _median_seconds(fn, runs: int, warmup: int) -> float:
@@ -113,14 +131,18 @@ def _memory_rows(call, variant: str, size: int) -> list:
 
 
 def _gemm_worker(job):
-    """The machine's float32 matmul rate (FLOP/s): torch, `job["gemm_size"]`², best of 5 after a warm-up."""
+    """The machine's float32 matmul rate (FLOP/s): torch, `job["gemm_size"]`², best of 5 after a warm-up, on
+    the device timm runs on (TF32 off: PyTorch's default for matmuls)."""
     import torch
 
+    device, sync = _torch_device()
     n = job["gemm_size"]
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    best = min(_median_seconds(lambda: a @ b, 1, 0) for _ in range(5))
-    return {"size": n, "flops_per_s": 2 * n**3 / best, "threads": torch.get_num_threads()}
+    sync()
+    best = min(_median_seconds(lambda: (a @ b, sync()), 1, 0) for _ in range(5))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    return {"size": n, "flops_per_s": 2 * n**3 / best, "threads": torch.get_num_threads(), "device": name}
 
 
 # ---------------------------------------------------------------------------- workers (one process each)
@@ -134,24 +156,27 @@ def _timm_worker(job):
     import torch
 
     autocast = _AUTOCAST[job["dtype_policy"]]  # timm's counterpart of Keras' mixed policy
+    device, sync = _torch_device()
 
     def forward(model, x):  # autocast entered per call, as Keras casts its variables per call
-        precision = torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+        precision = torch.autocast(device.type, getattr(torch, autocast)) if autocast else contextlib.nullcontext()
         with precision:
-            return model(x)
+            out = model(x)
+        sync()
+        return out
 
     rows = []
     for variant in job["variants"]:
-        model = timm.create_model(f"sequencer2d_{variant}", pretrained=False).eval()
+        model = timm.create_model(f"sequencer2d_{variant}", pretrained=False).eval().to(device)
         if job["memory"]:
             side = job["memory_size"]
-            x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, side, side)).astype("float32"))
+            x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, side, side)).astype("float32")).to(device)
             with torch.no_grad():
                 rows += _memory_rows(lambda model=model, x=x: forward(model, x), variant, side)
             continue
         for batch in job["batch_sizes"]:
             shape = (batch, 3, job["size"], job["size"])
-            x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype("float32"))
+            x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype("float32")).to(device)
             with torch.no_grad():
                 seconds = _median_seconds(lambda x=x, model=model: forward(model, x), job["runs"], job["warmup"])
             rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
@@ -159,13 +184,17 @@ def _timm_worker(job):
             batch = max(job["batch_sizes"])
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-            x = torch.randn(batch, 3, job["size"], job["size"])
-            y = torch.randint(0, 1000, (batch,))
+            x = torch.randn(batch, 3, job["size"], job["size"], device=device)
+            y = torch.randint(0, 1000, (batch,), device=device)
+            # float16 gradients underflow without loss scaling: AMP's scaler, as Keras' LossScaleOptimizer
+            scaler = torch.amp.GradScaler(device.type, enabled=autocast == "float16")
 
-            def step(model=model, optimizer=optimizer, x=x, y=y):
+            def step(model=model, optimizer=optimizer, x=x, y=y, scaler=scaler):
                 optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(forward(model, x).float(), y).backward()
-                optimizer.step()
+                scaler.scale(torch.nn.functional.cross_entropy(forward(model, x).float(), y)).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                sync()
 
             rows.append(_first_step_row(step, variant, batch))
             rows.append({"task": "train_step", "variant": variant, "batch": batch,
@@ -178,9 +207,14 @@ def _keras_worker(job):
     import numpy as np
 
     import keras_sequencer as ks
+    from keras_sequencer.layers import token_mixing
 
     keras.mixed_precision.set_global_policy(job["dtype_policy"])
     builders = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}
+    # the path each task runs (what "auto" chose here: it depends on the backend and the GPU)
+    runs = {task: token_mixing.choose_path(job["path"], True, True, training)
+            for task, training in (("inference", False), ("train_step", True))}  # fmt: skip
+    runs["first_train_step"] = runs["train_step"]
     rows = []
     for variant in job["variants"]:
         size = job["memory_size"] if job["memory"] else job["size"]
@@ -205,6 +239,8 @@ def _keras_worker(job):
                 lambda model=model, x=x, y=y: model.train_on_batch(x, y), job["runs"], job["warmup"]
             )
             rows.append({"task": "train_step", "variant": variant, "batch": batch, "seconds": seconds})
+    for row in rows:
+        row["runs"] = runs.get(row["task"], runs["inference"])
     return rows
 
 
@@ -298,43 +334,71 @@ def run(
     job = {"variants": list(variants), "batch_sizes": list(batch_sizes), "size": size, "runs": runs,
            "warmup": warmup, "train": train, "memory": False, "memory_size": memory_size,
            "dtype_policy": dtype_policy}  # fmt: skip
-    rows = []
+    rows, failures = [], []
+    os.makedirs(output, exist_ok=True)
 
-    def add(engine, path, found):
-        for row in found:
-            rows.append({"engine": engine, "path": path, **row})
+    def save(gemm, complete):  # after every engine: a run stopped midway keeps what it measured
+        result = {"rows": _with_ratios(rows, size, gemm["flops_per_s"]), "failures": failures, "complete": complete,
+                  "machine": {**_machine(), "fp32_gemm": gemm}, "settings": {**job, "paths": list(paths)}}  # fmt: skip
+        path = os.path.join(output, "bench.json")
+        with open(path + ".partial", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".partial", path)  # a run killed while writing keeps the previous file whole
+        return result
+
+    def measure(engine, path, kind, worker_job, backend, timings=True):
+        """Runs one engine's worker and keeps its rows (`timings`); a failing engine is reported, and the
+        others still run."""
+        try:
+            found = _spawn(kind, worker_job, backend=backend)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[-1]
+            log(f"  {engine} ({path}) failed: {reason}")
+            failures.append({"engine": engine, "path": path, "kind": kind, "error": str(error)[-3000:]})
+            return None
+        if timings:
+            rows.extend({"engine": engine, "path": path, **row} for row in found)
+            save(gemm, complete=False)
+        return found
 
     log(f"fp32 matmul rate (torch, {gemm_size}²) ...")
     gemm = _spawn("gemm", {"gemm_size": gemm_size}, backend="torch")
+    on_gpu = gemm["device"] != "cpu"
+    if dtype_policy == "mixed_float16" and not on_gpu:
+        raise ValueError("`dtype_policy='mixed_float16'` is for GPUs and PyTorch sees none here; on a CPU compare "
+                         "'mixed_bfloat16' (or 'float32').")  # fmt: skip
+    if on_gpu:
+        log(f"on {gemm['device']}: timm and Keras on JAX / PyTorch run on the GPU")
     log("timm (PyTorch) ...")
-    add("timm", "-", _spawn("timm", job, backend="torch"))
+    measure("timm", "-", "timm", job, "torch")
     for backend in backends:
         for path in paths:
             log(f"keras on {backend}, implementation={path} ...")
-            add(f"keras-{backend}", path, _spawn("keras", {**job, "path": path}, backend=backend))
-    if memory:
+            measure(f"keras-{backend}", path, "keras", {**job, "path": path}, backend)
+    if memory and on_gpu:
+        log("peak memory skipped: it is measured as host RSS, which says nothing of GPU memory")
+    elif memory:
         log(f"peak memory at {memory_size}x{memory_size} ...")
-        add("timm", "-", _spawn("timm", {**job, "memory": True}, backend="torch"))
+        measure("timm", "-", "timm", {**job, "memory": True}, "torch")
         for backend in backends:
             for path in paths:
-                add(f"keras-{backend}", path, _spawn("keras", {**job, "memory": True, "path": path}, backend=backend))
+                measure(f"keras-{backend}", path, "keras", {**job, "memory": True, "path": path}, backend)
     if tflite and dtype_policy != "float32":
         log("TFLite skipped: the export is float32 (its own quantisation options are `export`'s)")
     elif tflite and _installed("ai_edge_litert") and _installed("tensorflow"):
         log("TFLite float32 (LiteRT) ...")
         with tempfile.TemporaryDirectory() as folder:
-            files = _spawn("tflite_export", {**job, "folder": folder})
-            add("tflite", "auto", _spawn("tflite_time", {**job, "files": files}))
-    result = {"rows": _with_ratios(rows, size, gemm["flops_per_s"]), "machine": {**_machine(), "fp32_gemm": gemm},
-              "settings": {**job, "paths": list(paths)}}  # fmt: skip
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
+            files = measure("tflite", "auto", "tflite_export", {**job, "folder": folder}, "tensorflow", False)
+            if files is not None:
+                measure("tflite", "auto", "tflite_time", {**job, "files": files}, "tensorflow")
+    result = save(gemm, complete=True)
     table = format_table(result["rows"], dtype_policy)
     with open(os.path.join(output, "bench.md"), "w") as f:
         f.write(table + "\n")
     _plot(result["rows"], os.path.join(output, "bench.png"))
     log(table)
+    for failure in failures:
+        log(f"FAILED: {failure['engine']} ({failure['path']}): {failure['error'].strip().splitlines()[-1]}")
     return result
 
 
@@ -373,8 +437,9 @@ def format_table(rows, dtype_policy="float32") -> str:
             value = f"{row['seconds']:.1f} s"
         else:
             value = f"{row['images_per_s']:.2f}"
+        path = row["path"] if row.get("runs", row["path"]) == row["path"] else f"{row['path']} ({row['runs']})"
         lines.append(f"| {row['task']} | {row['variant'].upper()} | {row['batch']} | {row['engine']} | "
-                     f"{row['path']} | {value} | {ratio} | {ceiling} |")  # fmt: skip
+                     f"{path} | {value} | {ratio} | {ceiling} |")  # fmt: skip
     return "\n".join(lines)
 
 

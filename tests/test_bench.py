@@ -26,6 +26,11 @@ def test_bench_writes_table_json_and_png(tmp_path):
     found = json.loads((tmp_path / "bench.json").read_text())
     rows, gemm = found["rows"], found["machine"]["fp32_gemm"]
     assert gemm["size"] == 256 and gemm["flops_per_s"] > 1e8
+    import torch
+
+    assert gemm["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    # "auto" on PyTorch runs torch.lstm for inference and training; the rows say so
+    assert {r["runs"] for r in rows if r["engine"] == f"keras-{BACKEND}"} == {"torch"}
     engines = {(r["engine"], r["path"], r["task"], r["batch"]) for r in rows}
     for path in ("auto",):
         for task, batch in (("inference", 1), ("inference", 2), ("train_step", 2), ("first_train_step", 2),
@@ -57,6 +62,37 @@ def test_bench_writes_table_json_and_png(tmp_path):
             assert f"| {row['vs_timm']:.2f}x | {row['of_fp32_ceiling']:.0%} |" in result.stdout
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert (tmp_path / "bench.md").read_text().strip() in result.stdout
+
+
+@pytest.mark.backend_agnostic
+def test_bench_reports_a_failing_engine_and_keeps_the_others(tmp_path):
+    """An engine that cannot run (the PyTorch-only path asked of JAX) is named with its error and makes the
+    command fail; the engines after it still run, and bench.json holds their rows."""
+    result = run_cli(
+        "bench", "--backends", "jax", "torch", "--paths", "torch", "--batch-sizes", "1", "--size", "28", "--runs",
+        "1", "--warmup", "0", "--gemm-size", "64", "--no-train", "--no-memory", "--no-tflite", "--output", tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "keras-jax (torch) failed:" in result.stdout and "needs the PyTorch backend" in result.stdout
+    found = json.loads((tmp_path / "bench.json").read_text())
+    assert found["complete"] is True
+    assert [(f["engine"], f["path"]) for f in found["failures"]] == [("keras-jax", "torch")]
+    assert {(r["engine"], r["path"], r["task"]) for r in found["rows"]} == {
+        ("timm", "-", "inference"), ("keras-torch", "torch", "inference")}  # fmt: skip
+    assert "1 engine(s) failed" in result.stderr
+
+
+@pytest.mark.backend_agnostic
+def test_bench_refuses_float16_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: mixed_float16 is a valid comparison here")
+    result = run_cli("bench", "--dtype-policy", "mixed_float16", "--gemm-size", "64", "--output", tmp_path)
+    assert result.returncode != 0
+    assert "'mixed_float16'` is for GPUs and PyTorch sees none here" in result.stderr
+    assert "mixed_bfloat16" in result.stderr
+    assert not (tmp_path / "bench.json").exists()
 
 
 @pytest.mark.backend_agnostic

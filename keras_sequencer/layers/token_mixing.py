@@ -72,6 +72,16 @@ def use_path(path: str):
 
 
 @functools.cache  # asked on every call of every block; the answer is fixed per process
+def jax_on_accelerator() -> bool:
+    """Whether this process runs Keras on JAX with a GPU or TPU as JAX's default device."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
+@functools.cache  # asked on every call of every block; the answer is fixed per process
 def gpu_backs_keras_lstm() -> bool:
     """Whether Keras' own LSTM would run on cuDNN here (TensorFlow or PyTorch with a visible GPU)."""
     backend = keras.backend.backend()
@@ -120,8 +130,10 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
     "auto", for the paper's mixer: `"torch"` on the PyTorch backend (inference
     and training); elsewhere the fused recurrence for inference when the
     height and width are known and no GPU backs Keras' LSTM (`"scan"` on
-    TensorFlow, `"unrolled"` on JAX), and `"keras"` for training (Keras' LSTM
-    loop differentiates faster than the unrolled steps) and on GPUs.
+    TensorFlow, `"unrolled"` on JAX), and for training `"scan"` on JAX with a
+    GPU or TPU (one loop of batched matmuls for all four directions, its own
+    backward pass: 3x Keras' LSTM per step of S on an H200) and `"keras"`
+    otherwise (on a CPU Keras' LSTM loop trains faster than either fused form).
     benchmarks/README.md has the measurements behind each choice.
     `training is False` (predict, evaluate), not `None`, selects the scan: a
     direct call inside a user's XLA-compiled GradientTape loop may leave
@@ -141,6 +153,8 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
         return "torch"
     if static and not training and not gpu_backs_keras_lstm():
         return "scan" if tensorflow and training is False else "unrolled"
+    if static and training and jax_on_accelerator():
+        return "scan"
     return "keras"
 
 

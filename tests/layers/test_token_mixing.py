@@ -49,6 +49,38 @@ def test_use_path_overrides_the_implementation_and_keeps_ablations_on_keras(monk
             pass
 
 
+@pytest.mark.skipif(
+    BACKEND != "jax",
+    reason="the accelerator rule for training is JAX's; PyTorch trains on "
+    "torch.lstm and TensorFlow on its own LSTM paths whatever the device",
+)
+@pytest.mark.parametrize("default_backend", ["cpu", "gpu", "tpu"])
+def test_auto_trains_through_the_scan_on_a_jax_accelerator(monkeypatch, default_backend):
+    """On JAX, "auto" trains through the hand-written scan when JAX's default device is a GPU or TPU, and
+    through Keras' LSTM layers on a CPU; inference keeps the unrolled steps either way. What it computes is
+    the Keras layers' result whatever the choice."""
+    import jax
+
+    with monkeypatch.context() as patch:  # only while asking: Keras' own LSTM asks JAX too (cuDNN on a GPU)
+        patch.setattr(jax, "default_backend", lambda: default_backend)
+        accelerator = token_mixing.jax_on_accelerator.__wrapped__()
+    assert accelerator == (default_backend != "cpu")
+    monkeypatch.setattr(token_mixing, "jax_on_accelerator", lambda: accelerator)
+    ran = []
+    for name in ("mix_keras", "mix_fused", "mix_scan_trainable"):
+        real = getattr(token_mixing, name)
+        monkeypatch.setattr(token_mixing, name, lambda layer, x, *a, _real=real, _name=name, **k: ran.append(_name)
+                            or _real(layer, x, *a, **k))  # fmt: skip
+    layer, x = _layer_and_input()
+    expected = to_numpy(token_mixing.mix_keras(layer, x))
+    ran.clear()
+    trained = to_numpy(token_mixing.mix(layer, x, training=True))
+    inferred = to_numpy(token_mixing.mix(layer, x, training=False))
+    assert ran == ["mix_keras" if default_backend == "cpu" else "mix_scan_trainable", "mix_fused"]
+    np.testing.assert_allclose(trained, expected, atol=2e-6)
+    np.testing.assert_allclose(inferred, expected, atol=2e-6)
+
+
 def test_torch_path_needs_the_torch_backend():
     """`implementation="torch"` runs on PyTorch only: elsewhere the builder refuses it at once, and a layer
     restored from a PyTorch user's config loads (so the file can be exported) but refuses to run."""
