@@ -1,6 +1,6 @@
 """The token-mixing seam: which path runs, exporters' choice, and the paths' backend limits."""
 
-from conftest import BACKEND, TINY, load_timm_lstm2d, loss_and_gradients, to_numpy
+from conftest import BACKEND, TINY, global_dtype_policy, load_timm_lstm2d, loss_and_gradients, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -79,6 +79,31 @@ def test_auto_trains_through_the_scan_on_a_jax_accelerator(monkeypatch, default_
     assert ran == ["mix_keras" if default_backend == "cpu" else "mix_scan_trainable", "mix_fused"]
     np.testing.assert_allclose(trained, expected, atol=2e-6)
     np.testing.assert_allclose(inferred, expected, atol=2e-6)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="the scan's own backward pass exists on TensorFlow and JAX")
+def test_scan_trains_under_mixed_float16_as_keras_layers_do():
+    """Under mixed_float16 (what "auto" trains through on a JAX GPU) the scan computes in float16 and its output
+    and gradients agree with Keras' own LSTM layers under the same policy, to float16's precision (one
+    percent of each tensor's largest value)."""
+    x = np.random.RandomState(1).randn(2, 4, 4, 6).astype("float32")
+    weights = np.random.RandomState(2).randn(2, 4, 4, 6).astype("float32")
+    found = {}
+    with global_dtype_policy("mixed_float16"):
+        for implementation in ("keras", "scan"):
+            layer = BiLSTM2D(3, implementation=implementation)
+            layer.build(x.shape)
+            if implementation == "keras":
+                values = layer.get_weights()
+            else:
+                layer.set_weights(values)
+            out = layer(x, training=True)
+            assert keras.backend.standardize_dtype(out.dtype) == "float16"
+            found[implementation] = (to_numpy(out).astype("float32"), *loss_and_gradients(layer, x, weights)[1:])
+    (out, d_x, d_values), (ref_out, ref_d_x, ref_d_values) = found["scan"], found["keras"]
+    for got, expected in zip([out, d_x, *d_values], [ref_out, ref_d_x, *ref_d_values], strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max())
 
 
 def test_torch_path_needs_the_torch_backend():
