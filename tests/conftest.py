@@ -27,6 +27,23 @@ import pytest
 BACKEND = keras.backend.backend()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def _float32_matmuls_on_gpus():
+    """On a GPU, the suite compares float32 results with timm on the CPU at float32 tolerances: TF32 tensor-core
+    arithmetic, which PyTorch's cuDNN calls and JAX's default matmul precision allow there, is switched off."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    if BACKEND == "jax":  # set without asking for the device: that would start JAX's backends in every worker
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")  # a GPU's default allows TF32
+
+
+_float32_matmuls_on_gpus()
+
 # Tests of TensorFlow's converters run in-process: backend-independent, but the process must be TensorFlow's.
 IN_PROCESS_CONVERTERS = [
     pytest.mark.backend_agnostic,
@@ -252,9 +269,10 @@ def loss_and_gradients(layer, x, weights, graph=False):
     import torch
 
     x = torch.tensor(x, requires_grad=True)
-    value = (layer(x, training=True) * torch.from_numpy(weights)).sum()
+    out = layer(x, training=True)  # on the GPU where Keras sees one; the gradient flows back to `x` on the CPU
+    value = (out * torch.from_numpy(weights).to(out.device)).sum()
     value.backward()
-    return float(value.detach()), x.grad.numpy(), [v.value.grad.numpy() for v in variables]
+    return float(value.detach()), x.grad.numpy(), [v.value.grad.cpu().numpy() for v in variables]
 
 
 def torch_rnn(kind, channels, units, bidirectional):
