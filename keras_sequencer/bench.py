@@ -26,11 +26,14 @@ With `dtype_policy="mixed_bfloat16"` our model runs under that Keras policy and 
 so bfloat16 rows can pass 100 % on CPUs with AVX512-BF16 or AMX). `"mixed_float16"` (timm: float16 autocast,
 AMP) needs a GPU.
 
-On a machine with a CUDA GPU, timm, the matmul ceiling and Keras on JAX and PyTorch run on it (Keras places
-its variables there itself; TensorFlow needs its GPU build): timm's calls end with `torch.cuda.synchronize()`,
-and Keras' `predict_on_batch` / `train_on_batch` return host values, so every time includes the device's
-work. The memory rows measure host memory and are skipped there. The `path` column shows, for `"auto"`,
-which path it chose for that task on that machine.
+On a machine where PyTorch sees a CUDA GPU, timm and the matmul ceiling run on it, and Keras on whatever
+device its backend picks (JAX's and PyTorch's GPU builds take the GPU; TensorFlow needs its own); each Keras
+row records whether it ran on an accelerator. timm's calls end with `torch.cuda.synchronize()`, and Keras'
+`predict_on_batch` / `train_on_batch` return host values, so every time includes the device's work. The
+memory rows measure host memory and are skipped there. float32 on a GPU is not one precision everywhere:
+the ceiling's matmul has TF32 off (PyTorch's default for matmuls), while cuDNN's LSTM and convolutions (timm,
+the torch path) and JAX's default matmul precision allow TF32, so float32 rows can pass 100 % of the ceiling.
+The `path` column shows, for `"auto"`, which path it chose for that task on that machine.
 
 The result: a table with images/s, the ratio to timm (same machine, same
 run) and the share of the ceiling, a JSON file with every number and the
@@ -208,13 +211,15 @@ def _keras_worker(job):
 
     import keras_sequencer as ks
     from keras_sequencer.layers import token_mixing
+    from keras_sequencer.precision import _on_accelerator
 
     keras.mixed_precision.set_global_policy(job["dtype_policy"])
     builders = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}
     # the path each task runs (what "auto" chose here: it depends on the backend and the GPU)
-    runs = {task: token_mixing.choose_path(job["path"], True, True, training)
-            for task, training in (("inference", False), ("train_step", True))}  # fmt: skip
-    runs["first_train_step"] = runs["train_step"]
+    chosen = {task: token_mixing.choose_path(job["path"], True, True, training)
+              for task, training in (("inference", False), ("train_step", True))}  # fmt: skip
+    chosen["first_train_step"] = chosen["train_step"]
+    device = "accelerator" if _on_accelerator(keras.backend.backend()) else "cpu"
     rows = []
     for variant in job["variants"]:
         size = job["memory_size"] if job["memory"] else job["size"]
@@ -240,7 +245,7 @@ def _keras_worker(job):
             )
             rows.append({"task": "train_step", "variant": variant, "batch": batch, "seconds": seconds})
     for row in rows:
-        row["runs"] = runs.get(row["task"], runs["inference"])
+        row["chosen_path"], row["device"] = chosen.get(row["task"], chosen["inference"]), device
     return rows
 
 
@@ -289,8 +294,13 @@ def _spawn(kind: str, job: dict, backend: str = "tensorflow"):
     result = subprocess.run([sys.executable, "-c", code, kind, json.dumps(job)], capture_output=True, text=True,
                             env=env)  # fmt: skip
     if result.returncode != 0:
-        raise RuntimeError(f"benchmark worker {kind} ({backend}) failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"benchmark worker {kind} ({backend}) failed with exit status {result.returncode}:\n"
+                           f"{result.stderr[-3000:]}")  # fmt: skip
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError) as error:
+        raise RuntimeError(f"benchmark worker {kind} ({backend}) printed no result ({error}):\n"
+                           f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}") from error  # fmt: skip
 
 
 def _run_worker(kind: str, job_json: str):
@@ -325,7 +335,8 @@ def run(
     output="benchmarks/results",
     log=print,
 ) -> dict:
-    """Runs the benchmark; returns `{"rows": [...], "machine": {...}}` and writes JSON, PNG and a table."""
+    """Runs the benchmark; returns `{"rows", "failures", "complete", "machine", "settings"}` (what bench.json
+    holds) and writes JSON, PNG and a table."""
     if gemm_size < 64:
         raise ValueError(f"`gemm_size` must be at least 64 (2048 measures the rate). Received: gemm_size={gemm_size}")
     if dtype_policy not in DTYPE_POLICIES:
@@ -355,6 +366,7 @@ def run(
             reason = str(error).strip().splitlines()[-1]
             log(f"  {engine} ({path}) failed: {reason}")
             failures.append({"engine": engine, "path": path, "kind": kind, "error": str(error)[-3000:]})
+            save(gemm, complete=False)
             return None
         if timings:
             rows.extend({"engine": engine, "path": path, **row} for row in found)
@@ -368,7 +380,7 @@ def run(
         raise ValueError("`dtype_policy='mixed_float16'` is for GPUs and PyTorch sees none here; on a CPU compare "
                          "'mixed_bfloat16' (or 'float32').")  # fmt: skip
     if on_gpu:
-        log(f"on {gemm['device']}: timm and Keras on JAX / PyTorch run on the GPU")
+        log(f"on {gemm['device']}: timm runs on the GPU, Keras where its backend puts it (column `device`)")
     log("timm (PyTorch) ...")
     measure("timm", "-", "timm", job, "torch")
     for backend in backends:
@@ -395,10 +407,10 @@ def run(
     table = format_table(result["rows"], dtype_policy)
     with open(os.path.join(output, "bench.md"), "w") as f:
         f.write(table + "\n")
-    _plot(result["rows"], os.path.join(output, "bench.png"))
     log(table)
     for failure in failures:
         log(f"FAILED: {failure['engine']} ({failure['path']}): {failure['error'].strip().splitlines()[-1]}")
+    _plot(result["rows"], os.path.join(output, "bench.png"))
     return result
 
 
@@ -437,7 +449,8 @@ def format_table(rows, dtype_policy="float32") -> str:
             value = f"{row['seconds']:.1f} s"
         else:
             value = f"{row['images_per_s']:.2f}"
-        path = row["path"] if row.get("runs", row["path"]) == row["path"] else f"{row['path']} ({row['runs']})"
+        chosen = row.get("chosen_path", row["path"])
+        path = row["path"] if chosen == row["path"] else f"{row['path']} ({chosen})"
         lines.append(f"| {row['task']} | {row['variant'].upper()} | {row['batch']} | {row['engine']} | "
                      f"{path} | {value} | {ratio} | {ceiling} |")  # fmt: skip
     return "\n".join(lines)
@@ -453,6 +466,8 @@ def _plot(rows, path):
 
     timed = [r for r in rows if "seconds" in r and r["task"] != "first_train_step"]
     groups = sorted({(r["task"], r["variant"], r["batch"]) for r in timed})
+    if not groups:  # every timed engine failed
+        return
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         found = [r for r in timed if (r["task"], r["variant"], r["batch"]) == group]

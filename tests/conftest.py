@@ -30,7 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _float32_matmuls_on_gpus():
     """On a GPU, the suite compares float32 results with timm on the CPU at float32 tolerances: TF32 tensor-core
-    arithmetic, which PyTorch's cuDNN calls and JAX's default matmul precision allow there, is switched off."""
+    arithmetic, which PyTorch's cuDNN calls and JAX's default matmul precision allow there, is switched off
+    (TensorFlow's GPU build, which allows it too, is not handled: no GPU run of the TensorFlow pass yet)."""
     import torch
 
     if torch.cuda.is_available():

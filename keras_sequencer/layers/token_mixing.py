@@ -74,11 +74,9 @@ def use_path(path: str):
 @functools.cache  # asked on every call of every block; the answer is fixed per process
 def jax_on_accelerator() -> bool:
     """Whether this process runs Keras on JAX with a GPU or TPU as JAX's default device."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
+    from keras_sequencer.precision import _on_accelerator
 
-    return jax.default_backend() != "cpu"
+    return keras.backend.backend() == "jax" and _on_accelerator("jax")
 
 
 @functools.cache  # asked on every call of every block; the answer is fixed per process
@@ -130,10 +128,10 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
     "auto", for the paper's mixer: `"torch"` on the PyTorch backend (inference
     and training); elsewhere the fused recurrence for inference when the
     height and width are known and no GPU backs Keras' LSTM (`"scan"` on
-    TensorFlow, `"unrolled"` on JAX), and for training `"scan"` on JAX with a
-    GPU or TPU (one loop of batched matmuls for all four directions, its own
-    backward pass: 3x Keras' LSTM per step of S on an H200) and `"keras"`
-    otherwise (on a CPU Keras' LSTM loop trains faster than either fused form).
+    TensorFlow, `"unrolled"` on JAX), and for training at a known size
+    `"scan"` on JAX with a GPU or TPU (one loop of batched matmuls for all
+    four directions, its own backward pass: 2.9x Keras' LSTM per step of S on
+    an H200) and `"keras"` otherwise (on a CPU Keras' LSTM loop trains faster than either fused form).
     benchmarks/README.md has the measurements behind each choice.
     `training is False` (predict, evaluate), not `None`, selects the scan: a
     direct call inside a user's XLA-compiled GradientTape loop may leave
