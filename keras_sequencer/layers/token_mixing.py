@@ -81,7 +81,11 @@ def jax_on_accelerator() -> bool:
 
 @functools.cache  # asked on every call of every block; the answer is fixed per process
 def gpu_backs_keras_lstm() -> bool:
-    """Whether Keras' own LSTM would run on cuDNN here (TensorFlow or PyTorch with a visible GPU)."""
+    """Whether Keras' own LSTM would run on cuDNN here (TensorFlow or PyTorch with a visible GPU).
+
+    On a JAX GPU Keras 3.15 calls cuDNN too (through `jax.experimental.rnn`), but JAX answers False: its
+    inference keeps the unrolled fused steps there and training takes the scan (`jax_on_accelerator`); how
+    the unrolled steps compare with cuDNN for inference on a GPU is not measured yet."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
