@@ -211,7 +211,7 @@ def _keras_worker(job):
 
     import keras_sequencer as ks
     from keras_sequencer.layers import token_mixing
-    from keras_sequencer.precision import _on_accelerator
+    from keras_sequencer.precision import on_accelerator
 
     keras.mixed_precision.set_global_policy(job["dtype_policy"])
     builders = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}
@@ -219,7 +219,7 @@ def _keras_worker(job):
     chosen = {task: token_mixing.choose_path(job["path"], True, True, training)
               for task, training in (("inference", False), ("train_step", True))}  # fmt: skip
     chosen["first_train_step"] = chosen["train_step"]
-    device = "accelerator" if _on_accelerator(keras.backend.backend()) else "cpu"
+    device = "accelerator" if on_accelerator(keras.backend.backend()) else "cpu"
     rows = []
     for variant in job["variants"]:
         size = job["memory_size"] if job["memory"] else job["size"]
@@ -348,7 +348,7 @@ def run(
     rows, failures = [], []
     os.makedirs(output, exist_ok=True)
 
-    def save(gemm, complete):  # after every engine: a run stopped midway keeps what it measured
+    def save(complete):  # after every engine: a run stopped midway keeps what it measured
         result = {"rows": _with_ratios(rows, size, gemm["flops_per_s"]), "failures": failures, "complete": complete,
                   "machine": {**_machine(), "fp32_gemm": gemm}, "settings": {**job, "paths": list(paths)}}  # fmt: skip
         path = os.path.join(output, "bench.json")
@@ -366,11 +366,11 @@ def run(
             reason = str(error).strip().splitlines()[-1]
             log(f"  {engine} ({path}) failed: {reason}")
             failures.append({"engine": engine, "path": path, "kind": kind, "error": str(error)[-3000:]})
-            save(gemm, complete=False)
+            save(complete=False)
             return None
         if timings:
             rows.extend({"engine": engine, "path": path, **row} for row in found)
-            save(gemm, complete=False)
+            save(complete=False)
         return found
 
     log(f"fp32 matmul rate (torch, {gemm_size}²) ...")
@@ -403,7 +403,7 @@ def run(
             files = measure("tflite", "auto", "tflite_export", {**job, "folder": folder}, "tensorflow", False)
             if files is not None:
                 measure("tflite", "auto", "tflite_time", {**job, "files": files}, "tensorflow")
-    result = save(gemm, complete=True)
+    result = save(complete=True)
     table = format_table(result["rows"], dtype_policy)
     with open(os.path.join(output, "bench.md"), "w") as f:
         f.write(table + "\n")

@@ -46,7 +46,7 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
-def _on_accelerator(backend: str) -> bool:
+def on_accelerator(backend: str) -> bool:
     """Whether the backend computes on a GPU or TPU in this process."""
     if backend == "jax":
         import jax
@@ -81,7 +81,7 @@ def slower_than_float32_reason(
         return None
     backend = backend or keras.backend.backend()
     if accelerator is None:
-        accelerator = _on_accelerator(backend)
+        accelerator = on_accelerator(backend)
     if accelerator:
         return None
     if flags is ...:

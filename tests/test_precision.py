@@ -56,7 +56,7 @@ def test_cpu_flags_are_this_machines():
 def cpu(monkeypatch):
     """A CPU with the given flags and no accelerator, and a process that has not warned yet."""
     monkeypatch.setattr(precision, "_warned", set())
-    monkeypatch.setattr(precision, "_on_accelerator", lambda backend: False)
+    monkeypatch.setattr(precision, "on_accelerator", lambda backend: False)
 
     def set_flags(flags):
         monkeypatch.setattr(precision, "cpu_flags", lambda: flags)

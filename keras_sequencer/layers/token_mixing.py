@@ -74,9 +74,9 @@ def use_path(path: str):
 @functools.cache  # asked on every call of every block; the answer is fixed per process
 def jax_on_accelerator() -> bool:
     """Whether this process runs Keras on JAX with a GPU or TPU as JAX's default device."""
-    from keras_sequencer.precision import _on_accelerator
+    from keras_sequencer.precision import on_accelerator
 
-    return keras.backend.backend() == "jax" and _on_accelerator("jax")
+    return keras.backend.backend() == "jax" and on_accelerator("jax")
 
 
 @functools.cache  # asked on every call of every block; the answer is fixed per process
