@@ -54,8 +54,8 @@ import time
 
 VARIANTS = ("s", "m", "l")
 BACKENDS = ("tensorflow", "jax", "torch")
-PATHS = ("auto", "keras", "fused", "scan", "torch")
-DEFAULT_PATHS = ("auto", "keras", "fused")  # "scan" and "torch" (PyTorch only) on request
+PATHS = ("auto", "keras", "fused", "scan", "torch", "tensorflow")
+DEFAULT_PATHS = ("auto", "keras", "fused")  # the others on request ("torch" and "tensorflow": their backend only)
 # Keras' policy for our model -> the dtype of timm's torch.autocast (None: plain float32); float16 on GPUs only.
 _AUTOCAST = {"float32": None, "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 DTYPE_POLICIES = tuple(_AUTOCAST)

@@ -39,10 +39,14 @@ class BiLSTM2D(keras.layers.Layer):
       traced (a fixed `input_shape`, or eager calls).
     - `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`), PyTorch backend
       only.
+    - `"tensorflow"`: TensorFlow's own LSTM kernel (`BlockLSTMV2`, one op
+      per direction and one for its gradient), TensorFlow backend only, not
+      under XLA.
     - `"auto"` (default): `"torch"` on the PyTorch backend; elsewhere the
       fused recurrence for inference when the size is known and no GPU backs
-      Keras' LSTM, `"keras"` for training (it differentiates faster) and on
-      GPUs. `keras_sequencer.layers.token_mixing` holds every path and the
+      Keras' LSTM; for training `"tensorflow"` on TensorFlow without a GPU
+      (its graph builds fastest), the scan on a JAX GPU or TPU, else
+      `"keras"` (cuDNN on GPUs). `keras_sequencer.layers.token_mixing` holds every path and the
       rule; benchmarks/README.md the measurements behind it.
 
     The paper's ablations (authors' `RNN2DBase`, timm's `RNN2dBase`) are
@@ -59,7 +63,7 @@ class BiLSTM2D(keras.layers.Layer):
     Args:
         hidden_size: int, units of each directional RNN.
         implementation: `"auto"`, `"keras"`, `"fused"`, `"unrolled"`,
-            `"scan"` or `"torch"` (see above).
+            `"scan"`, `"torch"` or `"tensorflow"` (see above).
         rnn_type: `"lstm"`, `"gru"` or `"rnn"`.
         bidirectional: bool, forward and backward RNNs (True) or forward only.
         union: `"cat"`, `"add"`, `"vertical"` or `"horizontal"`.
@@ -103,6 +107,8 @@ class BiLSTM2D(keras.layers.Layer):
         self.union = union
         self.with_fc = bool(with_fc)
         token_mixing.check_implementation(implementation, self.standard, runs_here=False)
+        # XLA has no kernel for TensorFlow's LSTM op: Keras then compiles models holding this layer without it.
+        self.supports_jit = implementation != "tensorflow"
         self.input_spec = keras.layers.InputSpec(ndim=4)
         args = (rnn_type, hidden_size, self.bidirectional)
         self.rnn_v = None if union == "horizontal" else sequence_layer(*args, name="rnn_v", dtype=self.dtype_policy)

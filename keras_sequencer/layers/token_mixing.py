@@ -20,6 +20,11 @@ on each of them:
   the projected `ops.scan`.
 - `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`: a C++ loop on a CPU,
   cuDNN on a GPU), what timm runs. PyTorch backend only; differentiable.
+- `"tensorflow"`: TensorFlow's own LSTM kernel (`BlockLSTMV2`: one op per
+  direction, a C++ loop over the steps, and one op for its gradient), any
+  height and width. TensorFlow backend only, not under XLA. Builds the
+  training graph of S in less than half the time of Keras' LSTM loops and
+  steps as fast.
 - `"tflite_unrolled"` (export only, via `use_path`): the recurrence written
   out step by step in TensorFlow ops laid out for TFLite's XNNPACK delegate:
   per step one `BATCH_MATMUL` for the four directions (for each pair on
@@ -45,9 +50,11 @@ import keras
 from keras import ops
 import numpy as np
 
-PATHS = ("keras", "unrolled", "scan", "torch")
+PATHS = ("keras", "unrolled", "scan", "torch", "tensorflow")
 EXPORT_PATHS = ("tflite_unrolled", "tflite_unrolled_int8", "tflite_lstm")
 IMPLEMENTATIONS = ("auto", "fused", *PATHS)
+# Paths that run one backend's own LSTM kernel: path -> (backend, what to set).
+NATIVE_PATHS = {"torch": ("PyTorch", "KERAS_BACKEND=torch"), "tensorflow": ("TensorFlow", "KERAS_BACKEND=tensorflow")}
 
 _FORCED_PATH = contextvars.ContextVar("keras_sequencer_token_mixing_path", default=None)
 
@@ -62,8 +69,8 @@ def use_path(path: str):
     """
     if path not in PATHS + EXPORT_PATHS:
         raise ValueError(f"`path` must be one of {PATHS + EXPORT_PATHS}. Received: path={path!r}")
-    if path == "torch":
-        check_implementation(path)  # the PyTorch backend only
+    if path in NATIVE_PATHS:
+        check_implementation(path)  # one backend only
     token = _FORCED_PATH.set(path)
     try:
         yield
@@ -105,18 +112,19 @@ def check_implementation(implementation: str, standard: bool = True, runs_here: 
     `standard`: whether the mixer is the paper's (bidirectional LSTMs,
     union "cat", with the output projection); the fused paths implement
     only that one. Layers pass `runs_here=False`: a `.keras` file saved with
-    `implementation="torch"` still loads elsewhere (and exports, which
-    choose their own path); calling it there raises.
+    `implementation="torch"` (or `"tensorflow"`) still loads elsewhere (and
+    exports, which choose their own path); calling it there raises.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
         )
-    if runs_here and implementation == "torch" and keras.backend.backend() != "torch":
+    if runs_here and implementation in NATIVE_PATHS and keras.backend.backend() != implementation:
+        name, setting = NATIVE_PATHS[implementation]
         raise ValueError(
-            "implementation='torch' runs PyTorch's LSTM kernel and needs the PyTorch backend "
-            f"(KERAS_BACKEND=torch); this process uses {keras.backend.backend()!r}. Use 'auto' on any backend. "
-            "Received: implementation='torch'"
+            f"implementation={implementation!r} runs {name}'s LSTM kernel and needs the {name} backend "
+            f"({setting}); this process uses {keras.backend.backend()!r}. Use 'auto' on any backend. "
+            f"Received: implementation={implementation!r}"
         )
     if implementation not in ("auto", "keras") and not standard:
         raise ValueError(
@@ -132,10 +140,13 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
     "auto", for the paper's mixer: `"torch"` on the PyTorch backend (inference
     and training); elsewhere the fused recurrence for inference when the
     height and width are known and no GPU backs Keras' LSTM (`"scan"` on
-    TensorFlow, `"unrolled"` on JAX), and for training at a known size
-    `"scan"` on JAX with a GPU or TPU (one loop of batched matmuls for all
-    four directions, its own backward pass: 2.9x Keras' LSTM per step of S on
-    an H200) and `"keras"` otherwise (on a CPU Keras' LSTM loop trains faster than either fused form).
+    TensorFlow, `"unrolled"` on JAX); for training at a known size `"scan"`
+    on JAX with a GPU or TPU (one loop of batched matmuls for all four
+    directions, its own backward pass: 2.9x Keras' LSTM per step of S on an
+    H200); `"tensorflow"` on TensorFlow without a GPU, for training and at
+    unknown sizes, unless XLA compiles the call (S's first training step in
+    less than half the time, steps as fast); and `"keras"` otherwise (cuDNN on
+    GPUs; on a JAX CPU Keras' LSTM loop trains faster than either fused form).
     benchmarks/README.md has the measurements behind each choice.
     `training is False` (predict, evaluate), not `None`, selects the scan: a
     direct call inside a user's XLA-compiled GradientTape loop may leave
@@ -157,7 +168,19 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
         return "scan" if tensorflow and training is False else "unrolled"
     if static and training and jax_on_accelerator():
         return "scan"
+    if tensorflow and not gpu_backs_keras_lstm() and not in_xla_context():
+        return "tensorflow"
     return "keras"
+
+
+def in_xla_context() -> bool:
+    """Whether TensorFlow is tracing for XLA (`jit_compile=True`) here, where its own LSTM kernel cannot run."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def mix(layer, x, training=None):
@@ -172,9 +195,12 @@ def mix(layer, x, training=None):
         )
     if path == "keras":
         return mix_keras(layer, x, unroll=_unrolls_keras_lstms)
+    if path in NATIVE_PATHS:
+        check_implementation(path)  # one backend only
     if path == "torch":
-        check_implementation(path)  # the PyTorch backend only
         return mix_torch(layer, x)
+    if path == "tensorflow":
+        return mix_tensorflow(layer, x)
     if path == "tflite_lstm":
         return mix_tflite_lstm(layer, x)
     if path in ("tflite_unrolled", "tflite_unrolled_int8"):
@@ -531,6 +557,84 @@ def _torch_lstm_weights(cell, dtype):
         cached = (stamp, sources, layout())
         _TORCH_LAYOUT[cell] = cached
     return cached[2]
+
+
+# === "tensorflow": TensorFlow's fused LSTM kernel ===
+
+
+def mix_tensorflow(layer, x):
+    """Both BiLSTMs on TensorFlow's own LSTM kernel (`BlockLSTMV2`), reading the same Keras variables.
+
+    One graph op runs all steps of a direction (a C++ loop, as `"torch"` runs
+    PyTorch's), and one op its gradient, where Keras' LSTM adds a `while_loop`
+    per direction and another for its gradient: TensorFlow builds the
+    training graph of S in a fraction of the time. Any height and width;
+    computes in float32 (the kernel has no bfloat16 version).
+    """
+    import tensorflow as tf
+
+    if in_xla_context():
+        raise ValueError(
+            f"Layer '{layer.name}' runs implementation='tensorflow' (TensorFlow's BlockLSTM kernel), which XLA "
+            "cannot compile; compile the model with jit_compile=False or use implementation='auto'. "
+            "Received: implementation='tensorflow' inside an XLA-compiled function"
+        )
+    if not all(_is_standard_lstm(cell) for cell in _cells(layer)):
+        return mix_keras(layer, x)
+    channels, units = x.shape[-1], 2 * layer.hidden_size
+    shape = tf.shape(x)
+    batch, height, width = shape[0], shape[1], shape[2]
+    dtype = x.dtype
+    x = tf.cast(x, "float32")
+
+    def bidirectional(sequences, wrapper):
+        outputs = []
+        for cell, reverse in ((wrapper.forward_layer.cell, False), (wrapper.backward_layer.cell, True)):
+            steps = tf.reverse(sequences, [0]) if reverse else sequences
+            weights = (tf.cast(w.value, "float32") for w in (cell.kernel, cell.recurrent_kernel, cell.bias))
+            states = _block_lstm(steps, *weights)
+            outputs.append(tf.reverse(states, [0]) if reverse else states)
+        return tf.concat(outputs, axis=-1)
+
+    # Time-major sequences: vertical (time = row, one per batch x column), horizontal (time = column).
+    v = bidirectional(tf.reshape(tf.transpose(x, (1, 0, 2, 3)), (height, -1, channels)), layer.rnn_v)
+    h = bidirectional(tf.reshape(tf.transpose(x, (2, 0, 1, 3)), (width, -1, channels)), layer.rnn_h)
+    v = tf.transpose(tf.reshape(v, (height, batch, width, units)), (1, 0, 2, 3))
+    h = tf.transpose(tf.reshape(h, (width, batch, height, units)), (1, 2, 0, 3))
+    return tf.cast(tf.concat([v, h], axis=-1), dtype)
+
+
+def _block_lstm(sequences, kernel, recurrent, bias):
+    """One LSTM over time-major `sequences` (T, N, C) from a zero state -> every step's h (T, N, u).
+
+    Keras' gate order `[i, f, g, o]` is the kernel's `IFCO` layout. The
+    gradient calls `BlockLSTMGradV2` itself: TensorFlow registers the V1
+    gradient (`ICFO` layout) for the V2 op, which gives wrong values.
+    """
+    import tensorflow as tf
+    from tensorflow.python.ops import gen_rnn_ops
+
+    @tf.custom_gradient
+    def lstm(sequences, kernel, recurrent, bias):
+        weights = tf.concat([kernel, recurrent], axis=0)
+        zeros = tf.zeros(tf.stack([tf.shape(sequences)[1], recurrent.shape[0]]), sequences.dtype)
+        no_peephole = tf.zeros(recurrent.shape[:1], sequences.dtype)
+        common = dict(
+            seq_len_max=tf.cast(tf.shape(sequences)[0], "int64"), x=sequences, cs_prev=zeros, h_prev=zeros,
+            w=weights, wci=no_peephole, wcf=no_peephole, wco=no_peephole, b=bias, use_peephole=False,
+        )  # fmt: skip
+        # cell_clip 0: no clipping of the cell state.
+        i, cs, f, o, ci, co, h = gen_rnn_ops.block_lstmv2(cell_clip=0.0, **common)
+
+        def gradient(d_h):
+            d_x, _, _, d_w, _, _, _, d_b = gen_rnn_ops.block_lstm_grad_v2(
+                i=i, cs=cs, f=f, o=o, ci=ci, co=co, h=h, cs_grad=tf.zeros_like(cs), h_grad=d_h, **common
+            )
+            return d_x, d_w[: kernel.shape[0]], d_w[kernel.shape[0] :], d_b
+
+        return h, gradient
+
+    return lstm(sequences, kernel, recurrent, bias)
 
 
 # === "tflite_unrolled": a flat graph for TFLite's XNNPACK delegate (export only) ===

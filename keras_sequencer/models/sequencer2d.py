@@ -137,8 +137,9 @@ def Sequencer2D(
         implementation: forward path of every `BiLSTM2D`: `"auto"`,
             `"keras"` (Bidirectional LSTM layers, cuDNN on GPU), `"fused"`
             (all four directions batched; `"unrolled"` / `"scan"` name its
-            step loops) or `"torch"` (PyTorch backend only); same weights,
-            same results. See `BiLSTM2D`.
+            step loops), `"torch"` (PyTorch backend only) or `"tensorflow"`
+            (TensorFlow backend only); same weights, same results. See
+            `BiLSTM2D`.
         rnn_type, bidirectional, union, with_fc: the paper's ablations of the
             token mixer (`"lstm"`/`"gru"`/`"rnn"`; forward-only; `"cat"`/
             `"add"`/`"vertical"`/`"horizontal"`; without the output Dense);

@@ -12,8 +12,8 @@ import pytest
 
 from keras_sequencer.layers import BiLSTM2D, token_mixing
 
-# Every path this backend can run ("torch" needs the PyTorch backend).
-IMPLEMENTATIONS = [i for i in token_mixing.IMPLEMENTATIONS if i != "torch" or BACKEND == "torch"]
+# Every path this backend can run ("torch" and "tensorflow" need their own backends).
+IMPLEMENTATIONS = [i for i in token_mixing.IMPLEMENTATIONS if i not in token_mixing.NATIVE_PATHS or i == BACKEND]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -64,14 +64,15 @@ def test_bilstm2d_direction_order():
 @pytest.mark.parametrize("height,width", [(4, 4), (3, 5)])
 def test_both_paths_train_identically(height, width):
     """One SGD step through each path from the same weights lands on the same weights: the fused
-    path's gradients (and, on torch, those of "auto": torch.lstm) equal the Bidirectional(LSTM) layers'.
-    On TensorFlow and JAX also under `jit_compile=True` (XLA once refused the gradient of TF's scan;
-    on torch it would mean torch.compile, not what this test is about)."""
+    path's gradients (and those of "auto": torch.lstm on torch, TensorFlow's LSTM kernel on TensorFlow)
+    equal the Bidirectional(LSTM) layers'. On TensorFlow and JAX also under `jit_compile=True` (XLA once
+    refused the gradient of TF's scan, and cannot compile TensorFlow's LSTM kernel, which "auto" then
+    leaves; on torch it would mean torch.compile, not what this test is about)."""
     x = np.random.RandomState(0).randn(3, height, width, 6).astype("float32")
     y = np.random.RandomState(1).randn(3, height, width, 6).astype("float32")
     setups = [("keras", "auto"), ("fused", "auto"), ("unrolled", "auto"), ("auto", "auto")]
     if BACKEND != "torch":
-        setups += [("fused", True), ("keras", True)]
+        setups += [("fused", True), ("keras", True), ("auto", True)]
     models = []
     for implementation, jit_compile in setups:
         model = keras.Sequential([keras.Input((height, width, 6)), BiLSTM2D(3, implementation=implementation)])

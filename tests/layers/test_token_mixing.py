@@ -21,7 +21,7 @@ def test_every_path_gives_the_same_tokens():
     layer, x = _layer_and_input()
     expected = to_numpy(token_mixing.mix_keras(layer, x))
     for path in token_mixing.PATHS:
-        if path == "torch" and BACKEND != "torch":
+        if path in token_mixing.NATIVE_PATHS and path != BACKEND:
             continue
         with token_mixing.use_path(path):
             np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6, err_msg=path)
@@ -107,23 +107,65 @@ def test_scan_trains_under_mixed_float16():
         np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max())
 
 
-def test_torch_path_needs_the_torch_backend():
-    """`implementation="torch"` runs on PyTorch only: elsewhere the builder refuses it at once, and a layer
-    restored from a PyTorch user's config loads (so the file can be exported) but refuses to run."""
-    layer, x = _layer_and_input(implementation="torch")
-    if BACKEND == "torch":
+@pytest.mark.parametrize("path", sorted(token_mixing.NATIVE_PATHS))
+def test_native_paths_need_their_backend(path):
+    """`implementation="torch"` / `"tensorflow"` run one backend's own LSTM kernel: there they mix like the Keras
+    layers; elsewhere the builder refuses them at once, and a layer restored from another backend's config loads
+    (so the file can be exported) but refuses to run."""
+    layer, x = _layer_and_input(implementation=path)
+    if BACKEND == path:
         np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(layer.fc(token_mixing.mix_keras(layer, x))), atol=2e-6)
         return
-    message = r"needs the PyTorch backend.*Received: implementation='torch'"
+    name = token_mixing.NATIVE_PATHS[path][0]
+    message = rf"needs the {name} backend.*Received: implementation='{path}'"
     with pytest.raises(ValueError, match=message):
         layer(x)
     with pytest.raises(ValueError, match=message):
-        ks.Sequencer2D(**TINY, implementation="torch")
-    with pytest.raises(ValueError, match="needs the PyTorch backend"), token_mixing.use_path("torch"):
+        ks.Sequencer2D(**TINY, implementation=path)
+    with pytest.raises(ValueError, match=f"needs the {name} backend"), token_mixing.use_path(path):
         pass
     # Exporters choose their own path for every layer, whatever the layer's implementation.
     with token_mixing.use_path("keras"):
         np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), to_numpy(token_mixing.mix_keras(layer, x)))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's own LSTM kernel and XLA's limits are TensorFlow's")
+def test_tensorflow_trains_on_its_lstm_kernel_without_loops_except_under_xla():
+    """On TensorFlow without a GPU, "auto" trains through TensorFlow's LSTM kernel: the training step's graph
+    holds one `BlockLSTMV2` op per direction and one gradient op each, and no while-loop (what makes S's graph
+    slow to build). Under XLA, which has no such kernel, "auto" keeps Keras' layers and an explicit
+    `implementation="tensorflow"` says what to change."""
+    import tensorflow as tf
+
+    def op_types(implementation, jit_compile=False):
+        layer, x = _layer_and_input(implementation=implementation)
+
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x, training=True) ** 2)
+            return tape.gradient(loss, layer.trainable_variables)
+
+        function = tf.function(step, jit_compile=jit_compile)
+        graph = function.get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
+        types = [op.type for op in graph.get_operations()]
+        for f in graph._functions.values():  # the custom gradient's and loops' bodies
+            types += [node.op for node in f.cached_definition.node_def]
+        return types
+
+    types = op_types("auto")
+    assert types.count("BlockLSTMV2") == 4 and types.count("BlockLSTMGradV2") == 4
+    assert not {"While", "StatelessWhile"} & set(types)
+    types = op_types("auto", jit_compile=True)
+    assert "BlockLSTMV2" not in types
+    with pytest.raises(ValueError, match=r"XLA cannot compile; compile the model with jit_compile=False"):
+        op_types("tensorflow", jit_compile=True)
+    # A model holding the explicit path is compiled without XLA (Keras warns), and trains.
+    model = keras.Sequential([keras.Input((4, 5, 6)), BiLSTM2D(3, implementation="tensorflow")])
+    with pytest.warns(UserWarning, match="doesn't support `jit_compile=True`"):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    assert model.jit_compile is False
+    x = np.random.RandomState(0).randn(2, 4, 5, 6).astype("float32")
+    assert np.isfinite(model.train_on_batch(x, x))
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the torch path, and its weight copies, exist on PyTorch only")
@@ -172,13 +214,14 @@ def test_export_paths_compute_the_lstm_on_tensorflow_only(path):
             np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6, err_msg=str(shape))
 
 
-@pytest.mark.parametrize("implementation", ["scan", "keras"])
+@pytest.mark.parametrize("implementation", ["scan", "keras", "auto"])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 6), (1, 3, 5, 6)], ids=["square", "non-square"])
 def test_training_path_gradients_equal_timms(shape, implementation):
     """The training paths' gradients equal PyTorch autograd through timm's LSTM2d, with respect to the input and
     to every LSTM and projection weight: the `"scan"` path (hand-written on TensorFlow and JAX) on square maps
-    (all four directions in one loop) and non-square ones (two pairs), and the `"keras"` path (on TensorFlow
-    these short sequences run unrolled)."""
+    (all four directions in one loop) and non-square ones (two pairs), the `"keras"` path (on TensorFlow
+    these short sequences run unrolled), and what "auto" trains through (TensorFlow's LSTM kernel with its
+    gradient op on TensorFlow, torch.lstm on PyTorch)."""
     from timm.models.sequencer import LSTM2d
     import torch
 
