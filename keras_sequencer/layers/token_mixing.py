@@ -143,10 +143,12 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
     TensorFlow, `"unrolled"` on JAX); for training at a known size `"scan"`
     on JAX with a GPU or TPU (one loop of batched matmuls for all four
     directions, its own backward pass: 2.9x Keras' LSTM per step of S on an
-    H200); `"tensorflow"` on TensorFlow without a GPU, for training and at
-    unknown sizes, unless XLA compiles the call (S's first training step in
-    less than half the time, steps as fast); and `"keras"` otherwise (cuDNN on
-    GPUs; on a JAX CPU Keras' LSTM loop trains faster than either fused form).
+    H200); for training on TensorFlow without a GPU `"tensorflow"`, unless XLA
+    compiles the call (S's first training step in less than half the time,
+    steps as fast); and `"keras"` otherwise (cuDNN on GPUs; on a JAX CPU Keras'
+    LSTM loop trains faster than either fused form). Inference graphs keep
+    standard TensorFlow ops (TFLite and ONNX converters take them; they have
+    no counterpart of TensorFlow's LSTM op), and XLA `predict` beat it.
     benchmarks/README.md has the measurements behind each choice.
     `training is False` (predict, evaluate), not `None`, selects the scan: a
     direct call inside a user's XLA-compiled GradientTape loop may leave
@@ -168,7 +170,7 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
         return "scan" if tensorflow and training is False else "unrolled"
     if static and training and jax_on_accelerator():
         return "scan"
-    if tensorflow and not gpu_backs_keras_lstm() and not in_xla_context():
+    if tensorflow and training and not gpu_backs_keras_lstm() and not in_xla_context():
         return "tensorflow"
     return "keras"
 
