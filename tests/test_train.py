@@ -69,8 +69,7 @@ def test_run_refuses_a_single_class_dataset(tmp_path):
 @needs_fashion_mnist
 @pytest.mark.skipif(
     BACKEND != "torch",
-    reason="labels come from the backend-independent tf.data pipeline; checked in the PyTorch pass, where the "
-    "training step needs no graph building (12 s there, about 60 s on TensorFlow)",
+    reason="labels come from the backend-independent tf.data pipeline; checked once, in the PyTorch pass",
 )
 def test_validation_accuracy_of_a_folder_run_equals_a_count_image_by_image(tmp_path):
     """A validation split lacking a training class: the accuracy `run` reports equals a direct count.
