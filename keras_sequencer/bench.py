@@ -216,7 +216,8 @@ def _keras_worker(job):
     keras.mixed_precision.set_global_policy(job["dtype_policy"])
     builders = {"s": ks.Sequencer2DS, "m": ks.Sequencer2DM, "l": ks.Sequencer2DL}
     # the path each task runs (what "auto" chose here: it depends on the backend and the GPU)
-    chosen = {task: token_mixing.choose_path(job["path"], True, True, training)
+    compute_dtype = keras.mixed_precision.Policy(job["dtype_policy"]).compute_dtype
+    chosen = {task: token_mixing.choose_path(job["path"], True, True, training, compute_dtype)
               for task, training in (("inference", False), ("train_step", True))}  # fmt: skip
     chosen["first_train_step"] = chosen["train_step"]
     device = "accelerator" if on_accelerator(keras.backend.backend()) else "cpu"

@@ -176,6 +176,18 @@ class TrainingState(keras.callbacks.Callback):
         replace_atomically(self.log_path, write)
 
 
+def read_log(output_dir: str) -> dict[str, list[float]]:
+    """Every finished epoch's logs of the run in `output_dir`, shaped like `History.history`.
+
+    From its `log.csv`, so a run resumed after a kill, or re-run when already
+    finished (its `History` then holds only that call's epochs, or none), still
+    reports all of its epochs. Empty without a log.
+    """
+    rows = sorted(TrainingState(output_dir)._log_rows(), key=lambda row: int(row["epoch"]))
+    names = [name for name in (rows[0] if rows else {}) if name != "epoch"]
+    return {name: [float(row[name]) if row[name] else float("nan") for row in rows] for name in names}
+
+
 def _read_whole(path: str) -> None:
     """Reads every dataset of a `.weights.h5` file; raises if any part of it is missing or damaged."""
     import h5py

@@ -13,7 +13,7 @@ import time
 import keras
 import numpy as np
 
-from keras_sequencer import data, train
+from keras_sequencer import checkpointing, data, train
 from keras_sequencer.models import Sequencer2D
 
 # A Sequencer2D sized for 28x28 images and a CPU budget of minutes: 4x4 patches ->
@@ -117,7 +117,10 @@ def run_demo(
         verbose: Keras progress-bar setting.
 
     Returns:
-        The metrics written to `metrics.json`.
+        The metrics written to `metrics.json`. A re-run into the same
+        `output_dir` resumes the run (or, finished, trains nothing) and
+        writes the report of all its epochs; `train_seconds` counts this
+        call's training only.
     """
     import tensorflow as tf
 
@@ -148,6 +151,8 @@ def run_demo(
             model, train_ds, test_ds, recipe, batch_size, steps_per_epoch, output_dir, epochs=epochs, verbose=verbose
         )
     train_seconds = time.time() - start
+    # Every epoch of the run, also when this call resumed it or found it finished (then `history` lacks some).
+    log = checkpointing.read_log(output_dir) or history.history
 
     logits = model.predict(test_ds, verbose=0)
     predictions = logits.argmax(-1)
@@ -155,13 +160,13 @@ def run_demo(
     confusion = np.zeros((10, 10), dtype=int)
     np.add.at(confusion, (y_test, predictions), 1)
     model.save(os.path.join(output_dir, "model.keras"))
-    _plots(output_dir, history.history, confusion, x_test, y_test, predictions)
+    _plots(output_dir, log, confusion, x_test, y_test, predictions)
     metrics = {
         "dataset": "fashion_mnist",
         "train_images": len(x_train),
         "test_images": len(x_test),
         "test_accuracy": accuracy,
-        "epochs": len(history.history["loss"]),
+        "epochs": len(log["loss"]),
         "train_seconds": round(train_seconds, 1),
         "backend": keras.backend.backend(),
         "parameters": model.count_params(),

@@ -128,6 +128,25 @@ def test_fit_on_real_data_lowers_the_loss(tmp_path):
     assert os.path.exists(tmp_path / "last.keras") and os.path.exists(tmp_path / "log.csv")
 
 
+@needs_fashion_mnist
+@pytest.mark.backend_agnostic
+def test_a_finished_demo_run_again_trains_nothing_and_reports_every_epoch(tmp_path):
+    """The main job run twice into one folder: the second call trains nothing, restores the finished model
+    (same test predictions) and reports both epochs from the run's log, not from its own empty history."""
+    from keras_sequencer.demo import run_demo
+
+    first = run_demo(str(tmp_path), epochs=2, limit=512, verbose=0)
+    log = (tmp_path / "log.csv").read_text()
+    os.remove(tmp_path / "curves.png")
+    second = run_demo(str(tmp_path), epochs=2, limit=512, verbose=0)
+    assert (tmp_path / "log.csv").read_text() == log
+    assert first["epochs"] == second["epochs"] == 2
+    assert second["test_accuracy"] == first["test_accuracy"]
+    assert second["per_class_accuracy"] == first["per_class_accuracy"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == second
+    assert os.path.exists(tmp_path / "curves.png")
+
+
 _RESUMABLE = """
 import json, os, sys
 import numpy as np, keras, tensorflow as tf

@@ -134,7 +134,7 @@ def check_implementation(implementation: str, standard: bool = True, runs_here: 
         )
 
 
-def choose_path(implementation: str, standard: bool, static: bool, training) -> str:
+def choose_path(implementation: str, standard: bool, static: bool, training, compute_dtype: str = "float32") -> str:
     """The path a layer runs: the exporter's choice, else its `implementation`, else what "auto" picks.
 
     "auto", for the paper's mixer: `"torch"` on the PyTorch backend (inference
@@ -143,9 +143,10 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
     TensorFlow, `"unrolled"` on JAX); for training at a known size `"scan"`
     on JAX with a GPU or TPU (one loop of batched matmuls for all four
     directions, its own backward pass: 2.9x Keras' LSTM per step of S on an
-    H200); for training on TensorFlow without a GPU `"tensorflow"`, unless XLA
-    compiles the call (S's first training step in less than half the time,
-    steps as fast); and `"keras"` otherwise (cuDNN on GPUs; on a JAX CPU Keras'
+    H200); for training in float32 on TensorFlow without a GPU `"tensorflow"`,
+    unless XLA compiles the call (S's first training step in less than half
+    the time, steps as fast; the kernel computes in float32, so 16-bit
+    policies keep Keras' layers); and `"keras"` otherwise (cuDNN on GPUs; on a JAX CPU Keras'
     LSTM loop trains faster than either fused form). Inference graphs keep
     standard TensorFlow ops (TFLite and ONNX converters take them; they have
     no counterpart of TensorFlow's LSTM op), and XLA `predict` beat it.
@@ -170,7 +171,7 @@ def choose_path(implementation: str, standard: bool, static: bool, training) -> 
         return "scan" if tensorflow and training is False else "unrolled"
     if static and training and jax_on_accelerator():
         return "scan"
-    if tensorflow and training and not gpu_backs_keras_lstm() and not in_xla_context():
+    if tensorflow and training and compute_dtype == "float32" and not gpu_backs_keras_lstm() and not in_xla_context():
         return "tensorflow"
     return "keras"
 
@@ -188,7 +189,7 @@ def in_xla_context() -> bool:
 def mix(layer, x, training=None):
     """Mixes the tokens of `x` with `layer`'s sublayers on the path `choose_path` picks."""
     static = x.shape[1] is not None and x.shape[2] is not None
-    path = choose_path(layer.implementation, layer.standard, static, training)
+    path = choose_path(layer.implementation, layer.standard, static, training, layer.compute_dtype)
     if path in ("unrolled", "scan", *EXPORT_PATHS) and not static:
         raise ValueError(
             f"Layer '{layer.name}' runs the {path!r} path, which needs the height and width when the model is "

@@ -133,7 +133,7 @@ def test_native_paths_need_their_backend(path):
 def test_tensorflow_trains_on_its_lstm_kernel_without_loops_except_under_xla():
     """On TensorFlow without a GPU, "auto" trains through TensorFlow's LSTM kernel: the training step's graph
     holds one `BlockLSTMV2` op per direction and one gradient op each, and no while-loop (what makes S's graph
-    slow to build). Under XLA, which has no such kernel, "auto" keeps Keras' layers and an explicit
+    slow to build). In float32 only. Under XLA, which has no such kernel, "auto" keeps Keras' layers and an explicit
     `implementation="tensorflow"` says what to change."""
     import tensorflow as tf
 
@@ -157,6 +157,8 @@ def test_tensorflow_trains_on_its_lstm_kernel_without_loops_except_under_xla():
     assert not {"While", "StatelessWhile"} & set(types)
     types = op_types("auto", jit_compile=True)
     assert "BlockLSTMV2" not in types
+    with global_dtype_policy("mixed_bfloat16"):  # the kernel computes in float32: 16-bit policies keep Keras' layers
+        assert "BlockLSTMV2" not in op_types("auto")
     with pytest.raises(ValueError, match=r"XLA cannot compile; compile the model with jit_compile=False"):
         op_types("tensorflow", jit_compile=True)
     # A model holding the explicit path is compiled without XLA (Keras warns), and trains.
