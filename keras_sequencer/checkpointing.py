@@ -184,8 +184,15 @@ def read_log(output_dir: str) -> dict[str, list[float]]:
     reports all of its epochs. Empty without a log.
     """
     rows = sorted(TrainingState(output_dir)._log_rows(), key=lambda row: int(row["epoch"]))
-    names = [name for name in (rows[0] if rows else {}) if name != "epoch"]
-    return {name: [float(row[name]) if row[name] else float("nan") for row in rows] for name in names}
+    names = list(dict.fromkeys(name for row in rows for name in row if name not in ("epoch", None)))
+
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):  # missing, or a value that is not a number
+            return float("nan")
+
+    return {name: [number(row.get(name)) for row in rows] for name in names}
 
 
 def _read_whole(path: str) -> None:

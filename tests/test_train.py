@@ -130,7 +130,7 @@ def test_fit_on_real_data_lowers_the_loss(tmp_path):
 
 @needs_fashion_mnist
 @pytest.mark.backend_agnostic
-def test_a_finished_demo_run_again_trains_nothing_and_reports_every_epoch(tmp_path):
+def test_a_finished_demo_run_again_trains_nothing_and_reports_every_epoch(tmp_path, capsys):
     """The main job run twice into one folder: the second call trains nothing, restores the finished model
     (same test predictions) and reports both epochs from the run's log, not from its own empty history."""
     from keras_sequencer.demo import run_demo
@@ -138,7 +138,9 @@ def test_a_finished_demo_run_again_trains_nothing_and_reports_every_epoch(tmp_pa
     first = run_demo(str(tmp_path), epochs=2, limit=512, verbose=0)
     log = (tmp_path / "log.csv").read_text()
     os.remove(tmp_path / "curves.png")
+    capsys.readouterr()
     second = run_demo(str(tmp_path), epochs=2, limit=512, verbose=0)
+    assert "all 2 epochs are already trained; nothing to do" in capsys.readouterr().out
     assert (tmp_path / "log.csv").read_text() == log
     assert first["epochs"] == second["epochs"] == 2
     assert second["test_accuracy"] == first["test_accuracy"]

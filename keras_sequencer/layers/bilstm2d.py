@@ -44,8 +44,9 @@ class BiLSTM2D(keras.layers.Layer):
       under XLA.
     - `"auto"` (default): `"torch"` on the PyTorch backend; elsewhere the
       fused recurrence for inference when the size is known and no GPU backs
-      Keras' LSTM; for training `"tensorflow"` on TensorFlow without a GPU
-      (its graph builds fastest), the scan on a JAX GPU or TPU, else
+      Keras' LSTM; for training `"tensorflow"` on TensorFlow without a GPU,
+      in float32 and outside XLA (its graph builds fastest), the scan on a
+      JAX GPU or TPU, else
       `"keras"` (cuDNN on GPUs). `keras_sequencer.layers.token_mixing` holds every path and the
       rule; benchmarks/README.md the measurements behind it.
 

@@ -225,7 +225,9 @@ def _unrolls_keras_lstms(steps) -> bool:
     when `steps` is known and at most `MAX_UNROLLED_STEPS`, and no exporter chose the path.
 
     A TensorFlow graph runs each step of a `while_loop` (and of its gradient) through its executor's frame
-    machinery; for short sequences copies of the step cost less: the demo model (7 steps) trains ~20 % faster.
+    machinery; for short sequences copies of the step cost less: the demo model (7 steps) trained ~18 % faster
+    (it now trains through TensorFlow's kernel; this applies where training keeps Keras' layers: XLA, 16-bit
+    policies, the ablation options, an explicit `"keras"`).
     Longer sequences gain less per step and cost more to trace (S at 224, all loops unrolled: 8 % faster
     steps, 60 s more before the first; benchmarks/README.md). On JAX unrolling doubled the compile time for
     ~10 %, and the ONNX export needs the loops (tf2onnx maps them to ONNX `LSTM` ops).
@@ -572,18 +574,21 @@ def mix_tensorflow(layer, x):
     PyTorch's), and one op its gradient, where Keras' LSTM adds a `while_loop`
     per direction and another for its gradient: TensorFlow builds the
     training graph of S in a fraction of the time. Any height and width;
-    computes in float32 (the kernel has no bfloat16 version).
+    computes in float32 (the kernel has no bfloat16 version; under a 16-bit
+    policy the weights arrive already rounded to it). No second-order
+    gradients (TensorFlow has none for the gradient op).
     """
     import tensorflow as tf
 
     if in_xla_context():
         raise ValueError(
             f"Layer '{layer.name}' runs implementation='tensorflow' (TensorFlow's BlockLSTM kernel), which XLA "
-            "cannot compile; compile the model with jit_compile=False or use implementation='auto'. "
+            "cannot compile; call it outside `tf.function(jit_compile=True)` and TPU replication, or use "
+            "implementation='auto' (Keras' `compile` already leaves XLA off for this layer). "
             "Received: implementation='tensorflow' inside an XLA-compiled function"
         )
     if not all(_is_standard_lstm(cell) for cell in _cells(layer)):
-        return mix_keras(layer, x)
+        return mix_keras(layer, x, unroll=_unrolls_keras_lstms)
     channels, units = x.shape[-1], 2 * layer.hidden_size
     shape = tf.shape(x)
     batch, height, width = shape[0], shape[1], shape[2]

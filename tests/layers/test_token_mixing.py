@@ -130,15 +130,19 @@ def test_native_paths_need_their_backend(path):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's own LSTM kernel and XLA's limits are TensorFlow's")
-def test_tensorflow_trains_on_its_lstm_kernel_without_loops_except_under_xla():
+def test_tensorflow_trains_on_its_lstm_kernel_without_loops_except_under_xla(monkeypatch):
     """On TensorFlow without a GPU, "auto" trains through TensorFlow's LSTM kernel: the training step's graph
     holds one `BlockLSTMV2` op per direction and one gradient op each, and no while-loop (what makes S's graph
-    slow to build). In float32 only. Under XLA, which has no such kernel, "auto" keeps Keras' layers and an explicit
-    `implementation="tensorflow"` says what to change."""
+    slow to build), at unknown sizes and sequences longer than Keras' path would unroll too. In float32 only, and
+    not where a GPU backs Keras' LSTM (cuDNN). Under XLA, which has no such kernel, "auto" keeps Keras' layers
+    and an explicit `implementation="tensorflow"` says what to change."""
     import tensorflow as tf
 
-    def op_types(implementation, jit_compile=False):
-        layer, x = _layer_and_input(implementation=implementation)
+    monkeypatch.setattr(token_mixing, "gpu_backs_keras_lstm", lambda: False)
+
+    def op_types(implementation, jit_compile=False, shape=(2, 4, 5, 6)):
+        layer = BiLSTM2D(3, implementation=implementation)
+        layer.build((None, None, None, 6))
 
         def step(x):
             with tf.GradientTape() as tape:
@@ -146,20 +150,24 @@ def test_tensorflow_trains_on_its_lstm_kernel_without_loops_except_under_xla():
             return tape.gradient(loss, layer.trainable_variables)
 
         function = tf.function(step, jit_compile=jit_compile)
-        graph = function.get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
+        graph = function.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
         types = [op.type for op in graph.get_operations()]
         for f in graph._functions.values():  # the custom gradient's and loops' bodies
             types += [node.op for node in f.cached_definition.node_def]
         return types
 
-    types = op_types("auto")
-    assert types.count("BlockLSTMV2") == 4 and types.count("BlockLSTMGradV2") == 4
-    assert not {"While", "StatelessWhile"} & set(types)
+    for shape in [(2, 4, 5, 6), (2, 3, token_mixing.MAX_UNROLLED_STEPS + 1, 6), (2, None, None, 6)]:
+        types = op_types("auto", shape=shape)
+        assert types.count("BlockLSTMV2") == 4 and types.count("BlockLSTMGradV2") == 4, shape
+        assert not {"While", "StatelessWhile"} & set(types), shape
+    assert {"While", "StatelessWhile"} & set(op_types("keras", shape=(2, None, None, 6)))  # what the check sees
     types = op_types("auto", jit_compile=True)
     assert "BlockLSTMV2" not in types
     with global_dtype_policy("mixed_bfloat16"):  # the kernel computes in float32: 16-bit policies keep Keras' layers
         assert "BlockLSTMV2" not in op_types("auto")
-    with pytest.raises(ValueError, match=r"XLA cannot compile; compile the model with jit_compile=False"):
+    monkeypatch.setattr(token_mixing, "gpu_backs_keras_lstm", lambda: True)
+    assert "BlockLSTMV2" not in op_types("auto")  # cuDNN through Keras' layers
+    with pytest.raises(ValueError, match=r"XLA cannot compile; call it outside `tf.function\(jit_compile=True\)`"):
         op_types("tensorflow", jit_compile=True)
     # A model holding the explicit path is compiled without XLA (Keras warns), and trains.
     model = keras.Sequential([keras.Input((4, 5, 6)), BiLSTM2D(3, implementation="tensorflow")])
