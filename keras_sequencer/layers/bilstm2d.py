@@ -46,9 +46,9 @@ class BiLSTM2D(keras.layers.Layer):
       fused recurrence for inference when the size is known and no GPU backs
       Keras' LSTM; for training `"tensorflow"` on TensorFlow without a GPU,
       in float32 and outside XLA (its graph builds fastest), the scan on a
-      JAX GPU or TPU, else
-      `"keras"` (cuDNN on GPUs). `keras_sequencer.layers.token_mixing` holds every path and the
-      rule; benchmarks/README.md the measurements behind it.
+      JAX GPU or TPU, else `"keras"` (cuDNN on GPUs).
+      `keras_sequencer.layers.token_mixing` holds every path and the rule;
+      benchmarks/README.md the measurements behind it.
 
     The paper's ablations (authors' `RNN2DBase`, timm's `RNN2dBase`) are
     options; the defaults are the paper's mixer:

@@ -53,8 +53,8 @@ import numpy as np
 PATHS = ("keras", "unrolled", "scan", "torch", "tensorflow")
 EXPORT_PATHS = ("tflite_unrolled", "tflite_unrolled_int8", "tflite_lstm")
 IMPLEMENTATIONS = ("auto", "fused", *PATHS)
-# Paths that run one backend's own LSTM kernel: path -> (backend, what to set).
-NATIVE_PATHS = {"torch": ("PyTorch", "KERAS_BACKEND=torch"), "tensorflow": ("TensorFlow", "KERAS_BACKEND=tensorflow")}
+# Paths that run one backend's own LSTM kernel, named after that backend: path -> the framework's name.
+NATIVE_PATHS = {"torch": "PyTorch", "tensorflow": "TensorFlow"}
 
 _FORCED_PATH = contextvars.ContextVar("keras_sequencer_token_mixing_path", default=None)
 
@@ -120,11 +120,11 @@ def check_implementation(implementation: str, standard: bool = True, runs_here: 
             f"`implementation` must be one of {IMPLEMENTATIONS}. Received: implementation={implementation!r}"
         )
     if runs_here and implementation in NATIVE_PATHS and keras.backend.backend() != implementation:
-        name, setting = NATIVE_PATHS[implementation]
+        name = NATIVE_PATHS[implementation]
         raise ValueError(
             f"implementation={implementation!r} runs {name}'s LSTM kernel and needs the {name} backend "
-            f"({setting}); this process uses {keras.backend.backend()!r}. Use 'auto' on any backend. "
-            f"Received: implementation={implementation!r}"
+            f"(KERAS_BACKEND={implementation}); this process uses {keras.backend.backend()!r}. "
+            f"Use 'auto' on any backend. Received: implementation={implementation!r}"
         )
     if implementation not in ("auto", "keras") and not standard:
         raise ValueError(
@@ -146,8 +146,8 @@ def choose_path(implementation: str, standard: bool, static: bool, training, com
     H200); for training in float32 on TensorFlow without a GPU `"tensorflow"`,
     unless XLA compiles the call (S's first training step in less than half
     the time, steps as fast; the kernel computes in float32, so 16-bit
-    policies keep Keras' layers); and `"keras"` otherwise (cuDNN on GPUs; on a JAX CPU Keras'
-    LSTM loop trains faster than either fused form). Inference graphs keep
+    policies keep Keras' layers); and `"keras"` otherwise (cuDNN on GPUs; on
+    a JAX CPU Keras' LSTM loop trains faster than either fused form). Inference graphs keep
     standard TensorFlow ops (TFLite and ONNX converters take them; they have
     no counterpart of TensorFlow's LSTM op), and XLA `predict` beat it.
     benchmarks/README.md has the measurements behind each choice.

@@ -116,7 +116,7 @@ def test_native_paths_need_their_backend(path):
     if BACKEND == path:
         np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(layer.fc(token_mixing.mix_keras(layer, x))), atol=2e-6)
         return
-    name = token_mixing.NATIVE_PATHS[path][0]
+    name = token_mixing.NATIVE_PATHS[path]
     message = rf"needs the {name} backend.*Received: implementation='{path}'"
     with pytest.raises(ValueError, match=message):
         layer(x)
