@@ -111,7 +111,7 @@ def check_implementation(implementation: str, standard: bool = True, runs_here: 
 
     `standard`: whether the mixer is the paper's (bidirectional LSTMs,
     union "cat", with the output projection); the fused paths implement
-    only that one. Layers pass `runs_here=False`: a `.keras` file saved with
+    only that one. Layers and the backbone pass `runs_here=False`: a `.keras` file saved with
     `implementation="torch"` (or `"tensorflow"`) still loads elsewhere (and
     exports, which choose their own path); calling it there raises.
     """

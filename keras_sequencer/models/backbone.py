@@ -43,9 +43,24 @@ KERAS_HUB_AVAILABLE = _HubBackbone is not None
 
 
 def validate_architecture(
-    *, layers, patch_sizes, embed_dims, hidden_sizes, mlp_ratios, layer_norm_epsilon, implementation, image_shape
+    *,
+    layers,
+    patch_sizes,
+    embed_dims,
+    hidden_sizes,
+    mlp_ratios,
+    layer_norm_epsilon,
+    implementation,
+    image_shape,
+    runs_here=True,
 ):
-    """Raises a ValueError naming the argument unless these describe a Sequencer2D that can be built."""
+    """Raises a ValueError naming the argument unless these describe a Sequencer2D that can be built.
+
+    `runs_here`: whether `implementation` must also run on this backend (see
+    `token_mixing.check_implementation`). The builders check it; the backbone
+    itself does not, so a config saved with another backend's native path
+    still loads (and exports); calling such a model raises.
+    """
     arch = {
         "layers": layers,
         "patch_sizes": patch_sizes,
@@ -71,7 +86,7 @@ def validate_architecture(
             "`layers`, `patch_sizes`, `embed_dims`, `hidden_sizes` and `mlp_ratios` must all have "
             "one entry per stage. Received: " + ", ".join(f"{k}={v!r}" for k, v in arch.items())
         )
-    token_mixing.check_implementation(implementation)
+    token_mixing.check_implementation(implementation, runs_here=runs_here)
     if image_shape is not None:
         image_shape = tuple(image_shape)
         if len(image_shape) != 3:
@@ -158,6 +173,7 @@ class Sequencer2DBackbone(SequencerInputs, _HubBackbone or keras.Model):
             layer_norm_epsilon=layer_norm_epsilon,
             implementation=implementation,
             image_shape=image_shape,
+            runs_here=False,
         )
         image_shape = (None, None, 3) if image_shape is None else tuple(image_shape)
 

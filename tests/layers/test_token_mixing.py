@@ -124,6 +124,12 @@ def test_native_paths_need_their_backend(path):
         ks.Sequencer2D(**TINY, implementation=path)
     with pytest.raises(ValueError, match=f"needs the {name} backend"), token_mixing.use_path(path):
         pass
+    # So does a backbone saved on that backend.
+    config = ks.Sequencer2DBackbone(**TINY).get_config() | {"implementation": path}
+    restored = ks.Sequencer2DBackbone.from_config(config)
+    assert restored.get_config() == config
+    with pytest.raises(ValueError, match=message):
+        restored(np.zeros((1, 32, 32, 3), "float32"))
     # Exporters choose their own path for every layer, whatever the layer's implementation.
     with token_mixing.use_path("keras"):
         np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), to_numpy(token_mixing.mix_keras(layer, x)))
