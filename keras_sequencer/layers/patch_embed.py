@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_sequencer.layers.eager_torch import runs_torch_functions
+
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
 class PatchEmbed(keras.layers.Layer):
@@ -50,7 +52,22 @@ class PatchEmbed(keras.layers.Layer):
 
     def call(self, inputs):
         self._check_size(inputs.shape)
+        if runs_torch_functions(inputs, (self, self.proj)):
+            return self._torch_inference(inputs)
         return self.proj(inputs)
+
+    def _torch_inference(self, x):
+        """`proj(x)` as torch's convolution on a channels-last view (see `eager_torch`).
+
+        Keras' convolution on PyTorch copies a channels-last input to
+        channels-first and back to channels-last memory; permuted views give
+        the convolution the same memory without the two copies.
+        """
+        from torch.nn import functional
+
+        kernel = self.proj.kernel.value.permute(3, 2, 0, 1)  # (h, w, in, out) -> (out, in, h, w)
+        bias = self.proj.bias.value if self.proj.use_bias else None
+        return functional.conv2d(x.permute(0, 3, 1, 2), kernel, bias, stride=self.patch_size).permute(0, 2, 3, 1)
 
     def compute_output_shape(self, input_shape):
         self._check_size(input_shape)

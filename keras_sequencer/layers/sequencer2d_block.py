@@ -5,8 +5,10 @@ import math
 import keras
 from keras import ops
 
+from keras_sequencer.layers import token_mixing
 from keras_sequencer.layers.bilstm1d import BiLSTM1D
 from keras_sequencer.layers.bilstm2d import BiLSTM2D
+from keras_sequencer.layers.eager_torch import runs_torch_functions
 from keras_sequencer.layers.stochastic_depth import StochasticDepth
 
 
@@ -186,11 +188,41 @@ class Sequencer2DBlock(keras.layers.Layer):
         self.fc2.build(tuple(input_shape[:-1]) + (self.fc1.units,))
 
     def call(self, inputs, training=None):
+        if not training and self.mixer == "2d" and runs_torch_functions(inputs, self._sublayers()):
+            return self._torch_inference(inputs)
         x = inputs
         x = x + self.drop_path(self.rnn_tokens(_layer_norm(self.norm1, x, training), training=training),
                                training=training)  # fmt: skip
         mlp = self.fc2(_gelu(self.fc1(_layer_norm(self.norm2, x, training)), training=training))
         return x + self.drop_path(mlp, training=training)
+
+    def _sublayers(self):
+        rnn = self.rnn_tokens
+        return [self, self.norm1, rnn, *([rnn.fc] if rnn.fc is not None else []), self.norm2, self.fc1, self.fc2]
+
+    def _torch_inference(self, x):
+        """`call(x, training=False)` in PyTorch's own functions on the variables' tensors (see
+        `eager_torch`): the functions Keras' layers call, in the same order, so the result is
+        the same to the bit.
+
+        Where a result is this function's own, the next elementwise op writes into it (`add_`, `gelu_`):
+        each fresh feature-map-sized buffer costs page faults, and at batch 1 the out-of-place bias add of
+        `fc1` took as long as its matmul. `x` itself is never written.
+        """
+        import torch
+        from torch.nn import functional
+
+        def norm(layer, x):
+            return functional.layer_norm(x, x.shape[-1:], layer.gamma.value, layer.beta.value, layer.epsilon)
+
+        def dense(layer, x):
+            return x.matmul(layer.kernel.value).add_(layer.bias.value)
+
+        rnn = self.rnn_tokens
+        mixed = token_mixing.mix(rnn, norm(self.norm1, x), training=False)
+        x = dense(rnn.fc, mixed).add_(x) if rnn.fc is not None else x + mixed
+        hidden = torch.ops.aten.gelu_(dense(self.fc1, norm(self.norm2, x)))
+        return dense(self.fc2, hidden).add_(x)
 
     def compute_output_shape(self, input_shape):
         return input_shape

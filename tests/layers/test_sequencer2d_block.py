@@ -62,6 +62,44 @@ def test_sequencer2d_block_matches_timm_block():
     np.testing.assert_allclose(to_numpy(block(x)), expected, rtol=0, atol=5e-6)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")
+def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
+    """Without autograd a float32 block on PyTorch runs torch's functions on its variables directly: the sublayers'
+    calls' output to the bit, timm's block within float32 rounding, the input untouched. Training, autograd,
+    16-bit policies, LoRA and quantized layers keep the sublayers' calls."""
+    import torch
+
+    block, module = _block_and_timms()
+    x = torch.from_numpy(np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32"))
+    original = x.clone()
+    direct = []
+    real = Sequencer2DBlock._torch_inference
+    monkeypatch.setattr(Sequencer2DBlock, "_torch_inference", lambda self, x: direct.append(1) or real(self, x))
+
+    def runs_direct(block, training=None):
+        before = len(direct)
+        with torch.no_grad():
+            out = block(x, training=training)
+        return len(direct) > before, out.float().numpy()
+
+    took, out = runs_direct(block)
+    assert took and torch.equal(x, original)
+    np.testing.assert_array_equal(out, block(x).detach().numpy())  # autograd on: the sublayers' calls
+    assert len(direct) == 1
+    with torch.no_grad():
+        np.testing.assert_allclose(out, module.eval()(x).numpy(), rtol=0, atol=5e-6)
+    assert not runs_direct(block, training=True)[0]
+
+    half = Sequencer2DBlock(3, mlp_ratio=3.0, dtype="mixed_bfloat16")
+    half.build(x.shape)
+    assert not runs_direct(half)[0]
+    block.fc2.enable_lora(2)
+    assert not runs_direct(block)[0]
+    block, _ = _block_and_timms()
+    block.rnn_tokens.fc.quantize("int8")
+    assert not runs_direct(block)[0]
+
+
 # `tf.function` (how `fit` runs a step) is TensorFlow's; JAX's case is jitted, PyTorch's eager.
 _MODES = {"eager": False, "tf_function": True} if BACKEND == "tensorflow" else {BACKEND: False}
 
