@@ -4,7 +4,7 @@ import contextlib
 import io
 import json
 
-from conftest import BACKEND, TINY, global_dtype_policy, run_python, to_numpy
+from conftest import BACKEND, TINY, global_dtype_policy, run_python, tiny_model, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -137,6 +137,40 @@ def test_reload_on_every_backend(saved, target):
         assert f"{kind} Sequencer2DModel 8" in stdout  # the model class and its input check survive
         np.testing.assert_allclose(np.load(d / f"out_{kind}_{target}.npy"), expected, rtol=0, atol=1e-5,
                                    err_msg=f"{kind}: {BACKEND} -> {target}")  # fmt: skip
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace the model once")
+def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch):
+    """Without autograd a float32 Sequencer2D on PyTorch runs its layers by their `call` (no Keras call per
+    layer): `model(x)` and `predict_on_batch` give the Keras calls' output to the bit. Training, 16-bit policies,
+    quantized layers and graphs that are not a chain keep Keras' calls."""
+    import torch
+
+    from keras_sequencer.layers import eager_torch
+
+    chained = []
+    real = eager_torch.call_chain
+    monkeypatch.setattr(eager_torch, "call_chain", lambda chain, x: chained.append(len(chain)) or real(chain, x))
+    model = tiny_model(include_preprocessing=True, classifier_activation="softmax")
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 40, 3)).astype("float32")
+    expected = to_numpy(model(images)).copy()  # autograd on: Keras' calls
+    assert chained == []
+    with torch.no_grad():
+        np.testing.assert_array_equal(to_numpy(model(images)), expected)
+    np.testing.assert_array_equal(model.predict_on_batch(images), expected)
+    assert chained == [len(model.layers) - 1] * 2  # every layer but the input
+    with torch.no_grad():
+        model(images, training=True)
+    assert len(chained) == 2
+
+    features = ks.feature_extractor(model)  # several outputs: not a chain
+    assert eager_torch.layer_chain(features) is None
+    with global_dtype_policy("mixed_bfloat16"):
+        half = tiny_model()
+    half.predict_on_batch(images)
+    model.quantize("int8")
+    model.predict_on_batch(images)
+    assert len(chained) == 2
 
 
 def test_config_round_trip_rebuilds_the_same_graph():
