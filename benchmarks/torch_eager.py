@@ -2,9 +2,9 @@
 
 `keras_sequencer.layers.eager_torch` lets float32 inference without autograd skip Keras' layer calls. This
 script times `predict_on_batch` of one model with that on ("direct") and off ("Keras' calls": the check that
-allows it patched to answer no), and timm's model under `torch.no_grad()`, in interleaved rounds (engines
-compared in separate processes drift apart on these machines). It prints a markdown table of medians and
-ratios to timm.
+allows it, `eager_inference`, patched to answer no), and timm's model under `torch.no_grad()`, in interleaved
+rounds (engines compared in separate processes drift apart on these machines). It prints a markdown table of
+medians and ratios to timm.
 
 Usage: KERAS_BACKEND=torch python benchmarks/torch_eager.py [--variant s] [--batch-sizes 1 16] [--rounds 20]
 """
@@ -33,7 +33,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = getattr(ks, f"Sequencer2D{args.variant.upper()}")(weights=None)
     reference = timm.create_model(f"sequencer2d_{args.variant}", pretrained=False).eval()
-    allowed = eager_torch.runs_torch_functions
+    allowed = eager_torch.eager_inference
     print("| variant | batch | timm ms | Keras' calls ms | direct ms | Keras' calls vs timm | direct vs timm |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
@@ -41,11 +41,11 @@ def main() -> None:
         reference_images = torch.randn(batch, 3, 224, 224)
 
         def keras_calls(images=images):
-            eager_torch.runs_torch_functions = lambda x, layers: False
+            eager_torch.eager_inference = lambda x: False
             try:
                 return model.predict_on_batch(images)
             finally:
-                eager_torch.runs_torch_functions = allowed
+                eager_torch.eager_inference = allowed
 
         def timm_call(images=reference_images):
             with torch.no_grad():

@@ -7,9 +7,9 @@ timm (PyTorch), Keras on each requested backend with each forward path
 export in the LiteRT interpreter. Each process times, per variant and batch
 size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
 training step (forward + backward + AdamW), after warm-up calls, as the
-median of `runs` calls, and the first training step of the fresh model
-(`first_train_step`: tracing, graph building and compilation included, in
-seconds); a separate process per engine measures the peak
+median of `runs` calls, and the first call of each (`first_inference`, per
+batch size, as XLA compiles per input shape; `first_train_step`: tracing,
+graph building and compilation included, in seconds); a separate process per engine measures the peak
 memory of inference at `memory_size`: the rise of the process' peak RSS over
 its RSS just before the call, for the first call (`memory`: compilation
 included, e.g. XLA) and for a second one (`memory_warm`: the growth beyond
@@ -82,11 +82,15 @@ def _median_seconds(fn, runs: int, warmup: int) -> float:
     return times[len(times) // 2]
 
 
-def _first_step_row(step, variant: str, batch: int) -> dict:
-    """The first training step of a fresh model, timed whole: graph building / compilation included."""
+FIRST_CALLS = ("first_inference", "first_train_step")
+
+
+def _first_call_row(task: str, call, variant: str, batch: int) -> dict:
+    """The first call of `task` (one of `FIRST_CALLS`) at this shape, timed whole: tracing, graph building and
+    compilation included."""
     started = time.perf_counter()
-    step()
-    return {"task": "first_train_step", "variant": variant, "batch": batch, "seconds": time.perf_counter() - started}
+    call()
+    return {"task": task, "variant": variant, "batch": batch, "seconds": time.perf_counter() - started}
 
 
 def _rss_bytes() -> int:
@@ -181,6 +185,8 @@ def _timm_worker(job):
             shape = (batch, 3, job["size"], job["size"])
             x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype("float32")).to(device)
             with torch.no_grad():
+                rows.append(_first_call_row("first_inference", lambda x=x, model=model: forward(model, x), variant,
+                                            batch))  # fmt: skip
                 seconds = _median_seconds(lambda x=x, model=model: forward(model, x), job["runs"], job["warmup"])
             rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
         if job["train"]:
@@ -199,7 +205,7 @@ def _timm_worker(job):
                 scaler.update()
                 sync()
 
-            rows.append(_first_step_row(step, variant, batch))
+            rows.append(_first_call_row("first_train_step", step, variant, batch))
             rows.append({"task": "train_step", "variant": variant, "batch": batch,
                          "seconds": _median_seconds(step, job["runs"], job["warmup"])})  # fmt: skip
     return rows
@@ -219,7 +225,7 @@ def _keras_worker(job):
     compute_dtype = keras.mixed_precision.Policy(job["dtype_policy"]).compute_dtype
     chosen = {task: token_mixing.choose_path(job["path"], True, True, training, compute_dtype)
               for task, training in (("inference", False), ("train_step", True))}  # fmt: skip
-    chosen["first_train_step"] = chosen["train_step"]
+    chosen["first_train_step"], chosen["first_inference"] = chosen["train_step"], chosen["inference"]
     device = "accelerator" if on_accelerator(keras.backend.backend()) else "cpu"
     rows = []
     for variant in job["variants"]:
@@ -232,6 +238,8 @@ def _keras_worker(job):
             continue
         for batch in job["batch_sizes"]:
             x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
+            rows.append(_first_call_row("first_inference", lambda x=x, model=model: model.predict_on_batch(x), variant,
+                                        batch))  # fmt: skip
             seconds = _median_seconds(lambda x=x, model=model: model.predict_on_batch(x), job["runs"], job["warmup"])
             rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
         if job["train"]:
@@ -240,7 +248,8 @@ def _keras_worker(job):
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
             x = np.random.default_rng(1).uniform(0, 255, (batch, size, size, 3)).astype("float32")
             y = np.random.default_rng(2).integers(0, 1000, (batch,))
-            rows.append(_first_step_row(lambda model=model, x=x, y=y: model.train_on_batch(x, y), variant, batch))
+            rows.append(_first_call_row("first_train_step", lambda model=model, x=x, y=y: model.train_on_batch(x, y),
+                                        variant, batch))  # fmt: skip
             seconds = _median_seconds(
                 lambda model=model, x=x, y=y: model.train_on_batch(x, y), job["runs"], job["warmup"]
             )
@@ -426,7 +435,7 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
         if "seconds" in row:
             row["images_per_s"] = row["batch"] / row["seconds"]
             row["vs_timm"] = base["seconds"] / row["seconds"] if base else None
-            if gemm_flops_per_s and row["task"] != "first_train_step":
+            if gemm_flops_per_s and row["task"] not in FIRST_CALLS:
                 flops = 2 * count_macs(row["variant"], size) * (3 if row["task"] == "train_step" else 1)
                 row["of_fp32_ceiling"] = row["images_per_s"] * flops / gemm_flops_per_s
         else:
@@ -446,7 +455,7 @@ def format_table(rows, dtype_policy="float32") -> str:
         if row["task"].startswith("memory"):
             value = f"{row['peak_bytes'] / 2**20:.0f} MiB @ {row['size']}²"
             ratio = ratio.replace("x", "x mem")
-        elif row["task"] == "first_train_step":  # compilation included: seconds, not a rate
+        elif row["task"] in FIRST_CALLS:  # compilation included: seconds, not a rate
             value = f"{row['seconds']:.1f} s"
         else:
             value = f"{row['images_per_s']:.2f}"
@@ -465,7 +474,7 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if "seconds" in r and r["task"] != "first_train_step"]
+    timed = [r for r in rows if "seconds" in r and r["task"] not in FIRST_CALLS]
     groups = sorted({(r["task"], r["variant"], r["batch"]) for r in timed})
     if not groups:  # every timed engine failed
         return

@@ -36,6 +36,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
     engines = {(r["engine"], r["path"], r["task"], r["batch"]) for r in rows}
     for path in ("auto",):
         tasks = [("inference", 1), ("inference", 2), ("train_step", 2), ("first_train_step", 2)]
+        tasks += [("first_inference", 1), ("first_inference", 2)]
         for task, batch in tasks + ([] if on_gpu else [("memory", 1)]):
             assert (f"keras-{BACKEND}", path, task, batch) in engines
             assert ("timm", "-", task, batch) in engines
@@ -51,7 +52,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
             reference = timm[(row["task"], 1)]["peak_bytes"]
             expected = None if reference == 0 else row["peak_bytes"] / reference
             assert row["vs_timm"] == pytest.approx(expected, abs=1e-9)
-        elif row["task"] == "first_train_step":  # compilation included, printed in seconds, no ceiling
+        elif row["task"] in ("first_train_step", "first_inference"):  # compilation included: seconds, no ceiling
             assert row["seconds"] > 0
             assert abs(row["vs_timm"] - timm[(row["task"], row["batch"])]["seconds"] / row["seconds"]) < 1e-9
             assert "of_fp32_ceiling" not in row
@@ -80,7 +81,8 @@ def test_bench_reports_a_failing_engine_and_keeps_the_others(tmp_path):
     assert found["complete"] is True
     assert [(f["engine"], f["path"]) for f in found["failures"]] == [("keras-jax", "torch")]
     assert {(r["engine"], r["path"], r["task"]) for r in found["rows"]} == {
-        ("timm", "-", "inference"), ("keras-torch", "torch", "inference")}  # fmt: skip
+        (engine, path, task) for engine, path in (("timm", "-"), ("keras-torch", "torch"))
+        for task in ("inference", "first_inference")}  # fmt: skip
     assert "1 engine(s) failed" in result.stderr
 
 

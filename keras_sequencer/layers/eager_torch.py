@@ -11,12 +11,14 @@ autograd, in float32:
 - `Sequencer2DBlock` and `PatchEmbed` call torch's own functions on their
   variables, the functions Keras' layers call (`runs_torch_functions`);
 - the Sequencer2D models run the layers of their chain by each layer's
-  `call` (`layer_chain`, `call_chain`): what `Layer.__call__` adds to `call`
-  has nothing to do there.
+  `call` (`layer_chain`, `call_chain`): for those layers in float32 without
+  hooks, what `Layer.__call__` adds to `call` has nothing to do there.
 
-The results are the same to the bit. Anything else (autograd on, a 16-bit
-policy, quantized layers, rematerialisation, activity regularizers; and
-TensorFlow and JAX, which trace a model once) keeps Keras' calls.
+The tests find the results equal to Keras' calls to the bit on a CPU.
+Anything else keeps Keras' calls: autograd on, `torch.autocast`, forward
+hooks, 16-bit policies, quantized layers, LoRA, rematerialisation, activity
+regularizers, graphs that are not a chain of the known layers; and
+TensorFlow and JAX, which trace a model once.
 """
 
 import weakref
@@ -26,40 +28,73 @@ import keras
 _LINEAR = keras.activations.get(None)
 
 
-def runs_torch_functions(x, layers) -> bool:
-    """Whether a layer may compute `x` with torch's functions on the variables of `layers` (itself and the
-    sublayers it would call): PyTorch backend, autograd off, a float32 tensor, float32 layers as built.
-
-    Dense-like sublayers (`Dense`, `Conv2D`) must have no activation, quantization or LoRA.
-    """
+def eager_inference(x) -> bool:
+    """Whether `x` is a float32 torch tensor in eager PyTorch inference: the PyTorch backend, autograd off, no
+    `torch.autocast`, no global forward hooks (which every layer call would run)."""
     if keras.backend.backend() != "torch":
         return False
     import torch
+    from torch.nn.modules import module
 
     if torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
         return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return not (getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
+
+
+def plain(layer) -> bool:
+    """Whether `layer.__call__` would run `layer.call` and nothing else on a float32 tensor without a mask:
+    float32 policy (not quantized), no rematerialisation, activity regularizer or forward hooks."""
+    return (
+        layer.dtype_policy.name == "float32"
+        and getattr(layer, "_remat_mode", None) is None
+        and layer.activity_regularizer is None
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+    )
+
+
+def runs_torch_functions(x, layers) -> bool:
+    """Whether a layer may compute `x` with torch's functions on the variables of `layers` (itself and the
+    sublayers it would call): `eager_inference(x)`, every layer `plain`; `Dense` and `Conv2D` ones exactly
+    those classes, without activation or LoRA; `LayerNormalization` exactly that, centred and scaled, without
+    RMS scaling."""
+    if not eager_inference(x):
+        return False
+    dense, norm = (keras.layers.Dense, keras.layers.Conv2D), keras.layers.LayerNormalization
     for layer in layers:
-        if layer.dtype_policy.name != "float32" or layer._remat_mode is not None or layer.activity_regularizer:
+        if not plain(layer):
             return False
-        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)) and (
-            layer.quantization_mode is not None
-            or getattr(layer, "lora_enabled", False)
-            or getattr(layer, "activation", _LINEAR) is not _LINEAR
+        if isinstance(layer, dense) and (
+            type(layer) not in dense or getattr(layer, "lora_enabled", False) or layer.activation is not _LINEAR
+        ):
+            return False
+        if isinstance(layer, norm) and (
+            type(layer) is not norm or layer.rms_scaling or not (layer.center and layer.scale)
         ):
             return False
     return True
 
 
-def calls_directly(layer) -> bool:
-    """Whether `layer.__call__(x)` is `layer.call(x)` for a float32 tensor without a mask: float32 variables and
-    computation, no quantization (which calls `quantized_call`), rematerialisation or activity regularizer."""
-    policy = layer.dtype_policy
+def _chain_types():
+    """The layers a chain may hold: those of the Sequencer2D models, whose `call` treats `training=None` as
+    inference and takes no other call-context argument."""
+    from keras_sequencer.layers.patch_embed import PatchEmbed
+    from keras_sequencer.layers.sequencer2d_block import Sequencer2DBlock
+
+    layers = keras.layers
     return (
-        policy.compute_dtype == "float32"
-        and policy.variable_dtype == "float32"
-        and policy.quantization_mode is None
-        and layer._remat_mode is None
-        and not layer.activity_regularizer
+        PatchEmbed,
+        Sequencer2DBlock,
+        layers.Normalization,
+        layers.Rescaling,
+        layers.LayerNormalization,
+        layers.GlobalAveragePooling2D,
+        layers.GlobalMaxPooling2D,
+        layers.Dropout,
+        layers.Dense,
+        layers.Activation,
     )
 
 
@@ -68,24 +103,30 @@ _CHAINS = weakref.WeakKeyDictionary()
 
 
 def layer_chain(model) -> list | None:
-    """The layers of a functional `model` in order when they form a chain (one input, one output, each layer
-    called once on its predecessor's output alone, nothing else in the graph); otherwise None."""
+    """The layers of a functional `model` in order when they form a chain: one input, one output, each layer
+    (of `_chain_types`, exactly) called once on its predecessor's output alone, nothing else in the graph;
+    otherwise None."""
     if model not in _CHAINS:
         _CHAINS[model] = _find_chain(model)
     return _CHAINS[model]
 
 
 def _find_chain(model):
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    outputs = getattr(model, "_outputs_struct", None)
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+        outputs = outputs[0]
+    if len(model.inputs) != 1 or not keras.backend.is_keras_tensor(outputs):
         return None
-    chain, tensor, start = [], model.outputs[0], model.inputs[0]
+    types = _chain_types()
+    chain, tensor, start = [], outputs, model.inputs[0]
     while tensor is not start:
         layer, node_index, _ = tensor._keras_history
         node = layer._inbound_nodes[node_index]
-        if node.arguments.args != (node.input_tensors[0],) or len(node.input_tensors) != 1 or node.arguments.kwargs:
+        inputs, (args, kwargs) = node.input_tensors, (node.arguments.args, node.arguments.kwargs)
+        if type(layer) not in types or len(inputs) != 1 or len(args) != 1 or args[0] is not inputs[0] or kwargs:
             return None
         chain.append(layer)
-        tensor = node.input_tensors[0]
+        tensor = inputs[0]
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if len({id(layer) for layer in chain}) != len(chain) or {id(layer) for layer in layers} != {id(x) for x in chain}:
         return None
@@ -97,3 +138,23 @@ def call_chain(chain, x):
     for layer in chain:
         x = layer.call(x, training=False) if layer._call_has_training_arg else layer.call(x)
     return x
+
+
+def run_model_chain(model, inputs):
+    """`model`'s output by `call_chain`, or None where its layers must run through Keras' calls: another
+    backend, autograd on, a model or layer that is not `plain`, a graph that is not a chain, an input that
+    is not a float32 tensor once converted as Keras' functional models convert it."""
+    if keras.backend.backend() != "torch":
+        return None
+    import numpy as np
+    import torch
+
+    if torch.is_grad_enabled() or not plain(model):
+        return None
+    chain = layer_chain(model)
+    if chain is None or not all(map(plain, chain)):
+        return None
+    x = inputs
+    if isinstance(inputs, (np.ndarray, torch.Tensor)):  # to the input's dtype and Keras' device
+        x = keras.ops.convert_to_tensor(inputs, dtype=model.inputs[0].dtype)
+    return call_chain(chain, x) if eager_inference(x) else None

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_sequencer.layers.eager_torch import runs_torch_functions
+from keras_sequencer.layers import eager_torch
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
@@ -52,7 +52,7 @@ class PatchEmbed(keras.layers.Layer):
 
     def call(self, inputs):
         self._check_size(inputs.shape)
-        if runs_torch_functions(inputs, (self, self.proj)):
+        if self.proj.data_format == "channels_last" and eager_torch.runs_torch_functions(inputs, (self, self.proj)):
             return self._torch_inference(inputs)
         return self.proj(inputs)
 
@@ -60,14 +60,16 @@ class PatchEmbed(keras.layers.Layer):
         """`proj(x)` as torch's convolution on a channels-last view (see `eager_torch`).
 
         Keras' convolution on PyTorch copies a channels-last input to
-        channels-first and back to channels-last memory; permuted views give
-        the convolution the same memory without the two copies.
+        channels-first and back to channels-last memory; a permuted view of a
+        contiguous input already is that memory, without the two copies.
         """
+        import torch
         from torch.nn import functional
 
         kernel = self.proj.kernel.value.permute(3, 2, 0, 1)  # (h, w, in, out) -> (out, in, h, w)
         bias = self.proj.bias.value if self.proj.use_bias else None
-        return functional.conv2d(x.permute(0, 3, 1, 2), kernel, bias, stride=self.patch_size).permute(0, 2, 3, 1)
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # a copy only if x is not contiguous
+        return functional.conv2d(x, kernel, bias, stride=self.patch_size).permute(0, 2, 3, 1)
 
     def compute_output_shape(self, input_shape):
         self._check_size(input_shape)

@@ -5,10 +5,9 @@ import math
 import keras
 from keras import ops
 
-from keras_sequencer.layers import token_mixing
+from keras_sequencer.layers import eager_torch, token_mixing
 from keras_sequencer.layers.bilstm1d import BiLSTM1D
 from keras_sequencer.layers.bilstm2d import BiLSTM2D
-from keras_sequencer.layers.eager_torch import runs_torch_functions
 from keras_sequencer.layers.stochastic_depth import StochasticDepth
 
 
@@ -188,7 +187,7 @@ class Sequencer2DBlock(keras.layers.Layer):
         self.fc2.build(tuple(input_shape[:-1]) + (self.fc1.units,))
 
     def call(self, inputs, training=None):
-        if not training and self.mixer == "2d" and runs_torch_functions(inputs, self._sublayers()):
+        if not training and self.mixer == "2d" and eager_torch.runs_torch_functions(inputs, self._sublayers()):
             return self._torch_inference(inputs)
         x = inputs
         x = x + self.drop_path(self.rnn_tokens(_layer_norm(self.norm1, x, training), training=training),
@@ -203,7 +202,7 @@ class Sequencer2DBlock(keras.layers.Layer):
     def _torch_inference(self, x):
         """`call(x, training=False)` in PyTorch's own functions on the variables' tensors (see
         `eager_torch`): the functions Keras' layers call, in the same order, so the result is
-        the same to the bit.
+        the same (to the bit in the tests).
 
         Where a result is this function's own, the next elementwise op writes into it (`add_`, `gelu_`):
         each fresh feature-map-sized buffer costs page faults, and at batch 1 the out-of-place bias add of

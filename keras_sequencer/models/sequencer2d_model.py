@@ -4,7 +4,6 @@ import math
 import warnings
 
 import keras
-import numpy as np
 
 from keras_sequencer.layers import PatchEmbed, eager_torch
 from keras_sequencer.layers.token_mixing import gpu_backs_keras_lstm
@@ -140,12 +139,10 @@ class SequencerInputs:
 
     def call(self, inputs, training=None, mask=None):
         self.check_images(getattr(inputs, "shape", ()))
-        if not training and mask is None and keras.backend.backend() == "torch":
-            chain = eager_torch.layer_chain(self)  # PyTorch inference without Keras' per-layer calls
-            if chain is not None and all(map(eager_torch.calls_directly, chain)):
-                x = keras.ops.convert_to_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs  # predict's
-                if eager_torch.runs_torch_functions(x, ()):
-                    return eager_torch.call_chain(chain, x)
+        if not training and mask is None:  # PyTorch inference without Keras' per-layer calls
+            outputs = eager_torch.run_model_chain(self, inputs)
+            if outputs is not None:
+                return outputs
         return super().call(inputs, training=training, mask=mask)
 
 

@@ -17,23 +17,29 @@ def test_patch_embed_rejects_small_input():
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace the layer into a graph")
-def test_torch_inference_convolves_channels_last_views_to_the_same_bit():
-    """Without autograd PatchEmbed on PyTorch convolves permuted views of its input: the output of Keras'
-    convolution to the bit (sides not a multiple of the patch floor-truncated), contiguous, input untouched."""
+def test_torch_inference_convolves_channels_last_views_to_the_same_bit(monkeypatch):
+    """Without autograd PatchEmbed on PyTorch convolves a channels-last view of its input: the output of Keras'
+    convolution to the bit (sides not a multiple of the patch floor-truncated), for a contiguous input and for a
+    permuted channels-first one; the input untouched."""
     import torch
 
+    direct = []
+    real = PatchEmbed._torch_inference
+    monkeypatch.setattr(PatchEmbed, "_torch_inference", lambda self, x: direct.append(1) or real(self, x))
     layer = PatchEmbed(5, 3)
-    x = torch.from_numpy(np.random.RandomState(0).randn(2, 10, 11, 4).astype("float32"))
-    layer.build(x.shape)
+    images = torch.from_numpy(np.random.RandomState(0).randn(2, 4, 10, 11).astype("float32"))
+    layer.build((2, 10, 11, 4))
     layer.proj.bias.assign(np.arange(5, dtype="float32"))
-    original = x.clone()
-    with torch.no_grad():
-        direct = layer(x)
-    expected = layer.proj(x).detach()  # autograd on: Keras' convolution
-    assert direct.shape == (2, 3, 3, 5) and direct.is_contiguous() and torch.equal(x, original)
-    np.testing.assert_array_equal(direct.numpy(), expected.numpy())
-    with torch.no_grad():
-        np.testing.assert_allclose(direct.numpy(), _convolve(x.numpy(), layer), rtol=0, atol=1e-5)
+    for x in (images.permute(0, 2, 3, 1).contiguous(), images.permute(0, 2, 3, 1)):
+        original = x.clone()
+        with torch.no_grad():
+            out = layer(x)
+        expected = layer.proj(x).detach()  # autograd on: Keras' convolution
+        assert out.shape == (2, 3, 3, 5) and torch.equal(x, original)
+        np.testing.assert_array_equal(out.numpy(), expected.numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(out.numpy(), _convolve(x.numpy(), layer), rtol=0, atol=1e-5)
+    assert direct == [1, 1]
 
 
 def _convolve(x, layer):

@@ -62,42 +62,83 @@ def test_sequencer2d_block_matches_timm_block():
     np.testing.assert_allclose(to_numpy(block(x)), expected, rtol=0, atol=5e-6)
 
 
+def _direct_calls(monkeypatch):
+    """A list that grows by one whenever a block computes by `_torch_inference`."""
+    direct = []
+    real = Sequencer2DBlock._torch_inference
+    monkeypatch.setattr(Sequencer2DBlock, "_torch_inference", lambda self, x: direct.append(1) or real(self, x))
+    return direct
+
+
+def _without_autograd(block, x, training=None):
+    import torch
+
+    with torch.no_grad():
+        return block(x, training=training).float().numpy()
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")
 def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
     """Without autograd a float32 block on PyTorch runs torch's functions on its variables directly: the sublayers'
     calls' output to the bit, timm's block within float32 rounding, the input untouched. Training, autograd,
-    16-bit policies, LoRA and quantized layers keep the sublayers' calls."""
+    `torch.autocast`, forward hooks, 16-bit policies, LoRA and quantized layers keep the sublayers' calls."""
     import torch
+
+    from keras_sequencer.layers import eager_torch
 
     block, module = _block_and_timms()
     x = torch.from_numpy(np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32"))
     original = x.clone()
-    direct = []
-    real = Sequencer2DBlock._torch_inference
-    monkeypatch.setattr(Sequencer2DBlock, "_torch_inference", lambda self, x: direct.append(1) or real(self, x))
+    direct = _direct_calls(monkeypatch)
 
     def runs_direct(block, training=None):
         before = len(direct)
-        with torch.no_grad():
-            out = block(x, training=training)
-        return len(direct) > before, out.float().numpy()
+        _without_autograd(block, x, training)
+        return len(direct) > before
 
-    took, out = runs_direct(block)
-    assert took and torch.equal(x, original)
+    out = _without_autograd(block, x)
+    assert direct == [1] and torch.equal(x, original)
     np.testing.assert_array_equal(out, block(x).detach().numpy())  # autograd on: the sublayers' calls
-    assert len(direct) == 1
+    assert direct == [1]
     with torch.no_grad():
         np.testing.assert_allclose(out, module.eval()(x).numpy(), rtol=0, atol=5e-6)
-    assert not runs_direct(block, training=True)[0]
+    assert not runs_direct(block, training=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not runs_direct(block)
+    fired = []
+    hook = block.fc1.register_forward_hook(lambda *args: fired.append(1))
+    assert not runs_direct(block) and fired == [1]
+    hook.remove()
+    assert runs_direct(block)
 
     half = Sequencer2DBlock(3, mlp_ratio=3.0, dtype="mixed_bfloat16")
     half.build(x.shape)
-    assert not runs_direct(half)[0]
+    assert not runs_direct(half)
+    with torch.no_grad():
+        assert eager_torch.runs_torch_functions(x, block._sublayers())
+        assert not eager_torch.runs_torch_functions(x, half._sublayers())  # a float32 input, a 16-bit block
     block.fc2.enable_lora(2)
-    assert not runs_direct(block)[0]
+    assert not runs_direct(block)
     block, _ = _block_and_timms()
     block.rnn_tokens.fc.quantize("int8")
-    assert not runs_direct(block)[0]
+    assert not runs_direct(block)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")
+@pytest.mark.parametrize(
+    "options", [{"with_fc": False}, {"union": "add"}, {"rnn_type": "gru"}, {"bidirectional": False}], ids=str
+)
+def test_torch_inference_of_the_ablations_equals_the_sublayer_calls(monkeypatch, options):
+    """The paper's ablation options mix through Keras' layers; the rest of the block still runs directly."""
+    block = Sequencer2DBlock(3, mlp_ratio=2.0, **options)
+    x = np.random.RandomState(0).randn(2, 4, 5, 12).astype("float32")
+    block.build(x.shape)
+    rng = np.random.default_rng(1)
+    block.set_weights([w + rng.normal(0, 0.2, w.shape).astype("float32") for w in block.get_weights()])
+    direct = _direct_calls(monkeypatch)
+    out = _without_autograd(block, x)
+    assert direct == [1]
+    np.testing.assert_array_equal(out, to_numpy(block(x)))
 
 
 # `tf.function` (how `fit` runs a step) is TensorFlow's; JAX's case is jitted, PyTorch's eager.

@@ -140,37 +140,46 @@ def test_reload_on_every_backend(saved, target):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace the model once")
-def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch):
+def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_path):
     """Without autograd a float32 Sequencer2D on PyTorch runs its layers by their `call` (no Keras call per
-    layer): `model(x)` and `predict_on_batch` give the Keras calls' output to the bit. Training, 16-bit policies,
-    quantized layers and graphs that are not a chain keep Keras' calls."""
+    layer): `model(x)` and `predict_on_batch` give the Keras calls' output to the bit, for float32 and uint8
+    images, and so does the model reloaded from a `.keras` file. Training, 16-bit policies, quantized layers,
+    forward hooks and graphs that are not a chain keep Keras' calls."""
     import torch
 
     from keras_sequencer.layers import eager_torch
+    from keras_sequencer.models.sequencer2d_model import Sequencer2DModel
 
     chained = []
     real = eager_torch.call_chain
     monkeypatch.setattr(eager_torch, "call_chain", lambda chain, x: chained.append(len(chain)) or real(chain, x))
     model = tiny_model(include_preprocessing=True, classifier_activation="softmax")
-    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 40, 3)).astype("float32")
-    expected = to_numpy(model(images)).copy()  # autograd on: Keras' calls
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 40, 3)).astype("uint8")
+    expected = to_numpy(model(images.astype("float32"))).copy()  # autograd on: Keras' calls
     assert chained == []
     with torch.no_grad():
-        np.testing.assert_array_equal(to_numpy(model(images)), expected)
+        np.testing.assert_array_equal(to_numpy(model(images.astype("float32"))), expected)
     np.testing.assert_array_equal(model.predict_on_batch(images), expected)
     assert chained == [len(model.layers) - 1] * 2  # every layer but the input
+    model.save(tmp_path / "model.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "model.keras").predict_on_batch(images), expected)
+    assert len(chained) == 3
+
     with torch.no_grad():
         model(images, training=True)
-    assert len(chained) == 2
-
-    features = ks.feature_extractor(model)  # several outputs: not a chain
-    assert eager_torch.layer_chain(features) is None
+    hook = model.get_layer("norm").register_forward_hook(lambda *args: chained.append("hook"))
+    model.predict_on_batch(images)
+    assert chained[3:] == ["hook"]
+    hook.remove()
+    named = Sequencer2DModel(model.inputs, {"logits": model.outputs[0]})  # the output's structure is kept
+    assert eager_torch.layer_chain(named) is None and set(named.predict_on_batch(images)) == {"logits"}
+    assert eager_torch.layer_chain(ks.feature_extractor(model)) is None  # several outputs
     with global_dtype_policy("mixed_bfloat16"):
         half = tiny_model()
     half.predict_on_batch(images)
     model.quantize("int8")
     model.predict_on_batch(images)
-    assert len(chained) == 2
+    assert len(chained) == 4
 
 
 def test_config_round_trip_rebuilds_the_same_graph():
