@@ -6,8 +6,8 @@ timm (PyTorch), Keras on each requested backend with each forward path
 (`implementation="auto"` (the default: what a user gets) / `"keras"` / `"fused"`), and optionally the float32 TFLite
 export in the LiteRT interpreter. Each process times, per variant and batch
 size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
-training step (forward + backward + AdamW), after warm-up calls, as the
-median of `runs` calls, and the first call of each (`first_inference`, per
+training step (forward + backward + AdamW), after the first call and warm-up
+calls, as the median of `runs` calls, and the first call of each (`first_inference`, per
 batch size, as XLA compiles per input shape; `first_train_step`: tracing,
 graph building and compilation included, in seconds); a separate process per engine measures the peak
 memory of inference at `memory_size`: the rise of the process' peak RSS over

@@ -197,7 +197,8 @@ class Sequencer2DBlock(keras.layers.Layer):
 
     def _sublayers(self):
         rnn = self.rnn_tokens
-        return [self, self.norm1, rnn, *([rnn.fc] if rnn.fc is not None else []), self.norm2, self.fc1, self.fc2]
+        fc = [rnn.fc] if rnn.fc is not None else []
+        return [self, self.norm1, rnn, *fc, self.drop_path, self.norm2, self.fc1, self.fc2]
 
     def _torch_inference(self, x):
         """`call(x, training=False)` in PyTorch's own functions on the variables' tensors (see

@@ -4,7 +4,7 @@ import contextlib
 import io
 import json
 
-from conftest import BACKEND, TINY, global_dtype_policy, run_python, tiny_model, to_numpy
+from conftest import BACKEND, TINY, global_dtype_policy, perturb_weights, run_python, tiny_model, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -171,6 +171,16 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
     model.predict_on_batch(images)
     assert chained[3:] == ["hook"]
     hook.remove()
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    model.predict_on_batch(images)
+    hook.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.predict_on_batch(images)
+    assert len(chained) == 4
+    backbone = perturb_weights(ks.Sequencer2DBackbone(**TINY))
+    expected = to_numpy(backbone(images.astype("float32")))
+    np.testing.assert_array_equal(backbone.predict_on_batch(images), expected)
+    assert len(chained) == 5 and chained[-1] == len(backbone.layers) - 1
     named = Sequencer2DModel(model.inputs, {"logits": model.outputs[0]})  # the output's structure is kept
     assert eager_torch.layer_chain(named) is None and set(named.predict_on_batch(images)) == {"logits"}
     assert eager_torch.layer_chain(ks.feature_extractor(model)) is None  # several outputs
@@ -179,7 +189,7 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
     half.predict_on_batch(images)
     model.quantize("int8")
     model.predict_on_batch(images)
-    assert len(chained) == 4
+    assert len(chained) == 5
 
 
 def test_config_round_trip_rebuilds_the_same_graph():
