@@ -82,47 +82,26 @@ def runs_torch_functions(x, layers) -> bool:
     return True
 
 
-def _chain_types():
-    """The layers a chain may hold: those of the Sequencer2D models, whose `call` treats `training=None` as
-    inference and takes no other call-context argument."""
-    from keras_sequencer.layers.patch_embed import PatchEmbed
-    from keras_sequencer.layers.sequencer2d_block import Sequencer2DBlock
-
-    layers = keras.layers
-    return (
-        PatchEmbed,
-        Sequencer2DBlock,
-        layers.Normalization,
-        layers.Rescaling,
-        layers.LayerNormalization,
-        layers.GlobalAveragePooling2D,
-        layers.GlobalMaxPooling2D,
-        layers.Dropout,
-        layers.Dense,
-        layers.Activation,
-    )
-
-
 # model -> its layers in order (None: not a chain); weak: dies with the model. A functional graph is fixed.
 _CHAINS = weakref.WeakKeyDictionary()
 
 
-def layer_chain(model) -> list | None:
+def layer_chain(model, types) -> list | None:
     """The layers of a functional `model` in order when they form a chain: one input, one output, each layer
-    (of `_chain_types`, exactly) called once on its predecessor's output alone, nothing else in the graph;
-    otherwise None."""
+    of one of `types` (exactly) and called once on its predecessor's output alone, nothing else in the graph;
+    otherwise None. `types`: layer classes whose `call` treats `training=None` as inference and takes no
+    other call-context argument; one tuple per model (the answer is kept)."""
     if model not in _CHAINS:
-        _CHAINS[model] = _find_chain(model)
+        _CHAINS[model] = _find_chain(model, types)
     return _CHAINS[model]
 
 
-def _find_chain(model):
+def _find_chain(model, types):
     outputs = getattr(model, "_outputs_struct", None)
     if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
         outputs = outputs[0]
     if len(model.inputs) != 1 or not keras.backend.is_keras_tensor(outputs):
         return None
-    types = _chain_types()
     chain, tensor, start = [], outputs, model.inputs[0]
     while tensor is not start:
         layer, node_index, _ = tensor._keras_history
@@ -145,10 +124,11 @@ def call_chain(chain, x):
     return x
 
 
-def run_model_chain(model, inputs):
+def run_model_chain(model, inputs, types):
     """`model`'s output by `call_chain`, or None where its layers must run through Keras' calls: another
-    backend, autograd on, a model or layer that is not `plain`, a graph that is not a chain, an input that
-    is not a float32 tensor once converted as Keras' functional models convert it."""
+    backend, autograd on, a model or layer that is not `plain`, a graph that is not a chain of `types` (see
+    `layer_chain`), an input that is not a float32 tensor once converted as Keras' functional models convert
+    it."""
     if keras.backend.backend() != "torch":
         return None
     import numpy as np
@@ -156,7 +136,7 @@ def run_model_chain(model, inputs):
 
     if torch.is_grad_enabled() or not plain(model):
         return None
-    chain = layer_chain(model)
+    chain = layer_chain(model, types)
     if chain is None or not all(map(plain, chain)):
         return None
     x = inputs

@@ -5,9 +5,25 @@ import warnings
 
 import keras
 
-from keras_sequencer.layers import PatchEmbed, eager_torch
+from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock, eager_torch
 from keras_sequencer.layers.token_mixing import gpu_backs_keras_lstm
 from keras_sequencer.precision import warn_if_slower_than_float32
+
+# The layers of the Sequencer2D models, which may run as a chain without Keras' calls
+# (`eager_torch.layer_chain`): their `call` treats `training=None` as inference and takes no other
+# call-context argument.
+_CHAIN_TYPES = (
+    PatchEmbed,
+    Sequencer2DBlock,
+    keras.layers.Normalization,
+    keras.layers.Rescaling,
+    keras.layers.LayerNormalization,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.Dropout,
+    keras.layers.Dense,
+    keras.layers.Activation,
+)
 
 
 class SequencerInputs:
@@ -140,7 +156,7 @@ class SequencerInputs:
     def call(self, inputs, training=None, mask=None):
         self.check_images(getattr(inputs, "shape", ()))
         if not training and mask is None:  # PyTorch inference without Keras' per-layer calls
-            outputs = eager_torch.run_model_chain(self, inputs)
+            outputs = eager_torch.run_model_chain(self, inputs, _CHAIN_TYPES)
             if outputs is not None:
                 return outputs
         return super().call(inputs, training=training, mask=mask)
