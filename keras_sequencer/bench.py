@@ -7,11 +7,12 @@ timm (PyTorch), Keras on each requested backend with each forward path
 export in the LiteRT interpreter. Each process times, per variant and batch
 size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
 training step (forward + backward + AdamW), after the first call and warm-up
-calls, as the median of `runs` calls, and the first call of each (`first_inference`, per
-batch size, as XLA compiles per input shape; `first_train_step`: tracing,
-graph building and compilation included, in seconds); a separate process per engine measures the peak
-memory of inference at `memory_size`: the rise of the process' peak RSS over
-its RSS just before the call, for the first call (`memory`: compilation
+calls, as the median of `runs` calls, and the first call of each
+(`first_inference`, per batch size, as XLA compiles per input shape;
+`first_train_step`: tracing, graph building and compilation included, in
+seconds); a separate process per engine measures the peak memory of
+inference at `memory_size`: the rise of the process' peak RSS over its RSS
+just before the call, for the first call (`memory`: compilation
 included, e.g. XLA) and for a second one (`memory_warm`: the growth beyond
 what the process already holds after the first call, allocator pools
 included; Linux only, where the peak can be reset).

@@ -149,7 +149,6 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
 
     from keras_sequencer.layers import eager_torch
     from keras_sequencer.models import sequencer2d_model
-    from keras_sequencer.models.sequencer2d_model import Sequencer2DModel
 
     chained = []
     real = eager_torch.call_chain
@@ -182,7 +181,8 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
     expected = to_numpy(backbone(images.astype("float32")))
     np.testing.assert_array_equal(backbone.predict_on_batch(images), expected)
     assert len(chained) == 5 and chained[-1] == len(backbone.layers) - 1
-    named = Sequencer2DModel(model.inputs, {"logits": model.outputs[0]})  # the output's structure is kept
+    # The output's structure is kept.
+    named = sequencer2d_model.Sequencer2DModel(model.inputs, {"logits": model.outputs[0]})
     kinds = sequencer2d_model._CHAIN_TYPES
     assert eager_torch.layer_chain(named, kinds) is None and set(named.predict_on_batch(images)) == {"logits"}
     assert eager_torch.layer_chain(ks.feature_extractor(model), kinds) is None  # several outputs
