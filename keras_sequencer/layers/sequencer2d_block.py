@@ -181,6 +181,7 @@ class Sequencer2DBlock(keras.layers.Layer):
         self.norm1.build(input_shape)
         self.rnn_tokens.build(input_shape)
         self.norm2.build(input_shape)
+        self.drop_path.build(input_shape)
         self.fc1 = keras.layers.Dense(int(channels * self.mlp_ratio), name="fc1", dtype=dtype)
         self.fc1.build(input_shape)
         self.fc2 = keras.layers.Dense(channels, name="fc2", dtype=dtype)

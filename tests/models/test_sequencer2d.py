@@ -323,6 +323,28 @@ def test_each_option_model_has_the_size_its_definition_implies(option):
     assert model.count_params() == _expected_params(config, classes=5)
 
 
+@pytest.mark.backend_agnostic
+def test_every_layer_is_built_with_the_model_and_after_reloading(tmp_path):
+    """Keras' JAX trainer runs a whole eager forward pass before the first `predict` / `predict_on_batch` when
+    any layer of the model is unbuilt (for S on a CPU that doubled the first call); so is every layer of each
+    option model, of a model with drop path, of the backbone, and of a model reloaded from a `.keras` file."""
+
+    def unbuilt(model):
+        return sorted(f"{layer.name} ({type(layer).__name__})" for layer in model._flatten_layers() if not layer.built)
+
+    models = {
+        option: ks.Sequencer2D(**SMALL, **settings, input_shape=(16, 24, 3), classes=5, weights=None)
+        for option, settings in SMALL_OPTIONS.items()
+    }
+    models["drop_path"] = ks.Sequencer2D(**TINY, drop_path_rate=0.1, weights=None)
+    models["backbone"] = ks.Sequencer2DBackbone(**TINY)
+    for name, model in models.items():
+        assert not unbuilt(model), (name, unbuilt(model))
+    models["drop_path"].save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert not unbuilt(reloaded), unbuilt(reloaded)
+
+
 def test_every_option_trains_and_survives_saving(tmp_path):
     """One model with a block of each option (their first-stage sizes, 16 channels): one Adam step moves every
     weight (each option's gradient reaches all its weights), and the `.keras` file reloads to the same outputs."""
