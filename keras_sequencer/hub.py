@@ -86,6 +86,9 @@ class Sequencer2DImageConverter(keras_hub.layers.ImageConverter):
             **kwargs,
         )
         self.crop_pct = float(crop_pct)
+        # Weightless, like the converter itself (keras-hub marks it built): an unbuilt layer anywhere in a task
+        # makes Keras' JAX trainer run the whole model eagerly before its first `predict`.
+        self.resizing.build(None)
 
     @property
     def image_size(self):
@@ -200,6 +203,12 @@ class Sequencer2DImageClassifierPreprocessor(keras_hub.models.ImageClassifierPre
 
     backbone_cls = Sequencer2DBackbone
     image_converter_cls = Sequencer2DImageConverter
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Weightless and run by tf.data, not by the task's compiled functions; unbuilt, it would make Keras'
+        # JAX trainer run the whole task eagerly before its first `predict` (see Sequencer2DImageConverter).
+        self.built = True
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")

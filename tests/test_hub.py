@@ -117,6 +117,17 @@ def test_fit_on_real_photos_lowers_the_loss(tmp_path, keras_hub):
     np.testing.assert_array_equal(to_numpy(classifier.predict(photos, verbose=0)).argmax(-1), labels)
 
 
+@pytest.mark.backend_agnostic
+def test_a_task_from_a_preset_has_every_layer_built(tmp_path, keras_hub):
+    """Keras' JAX trainer runs a whole eager forward pass before the first `predict` when any layer of a model
+    is unbuilt; the weightless preprocessor and its resizing layer count too."""
+    preset = ks.save_preset(tiny_model(classes=3), tmp_path / "tiny")
+    for task in (keras_hub.models.ImageClassifier.from_preset(preset),
+                 keras_hub.models.ImageClassifier.from_preset(preset, num_classes=4),
+                 keras_hub.models.Backbone.from_preset(preset)):  # fmt: skip
+        assert [layer.name for layer in task._flatten_layers() if not layer.built] == [], type(task).__name__
+
+
 def test_a_rejected_input_leaves_the_classifier_whole(tmp_path, keras_hub):
     classifier = keras_hub.models.ImageClassifier.from_preset(ks.save_preset(tiny_model(classes=3), tmp_path / "t"))
     images = np.random.RandomState(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
