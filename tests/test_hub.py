@@ -128,6 +128,19 @@ def test_a_task_from_a_preset_has_every_layer_built(tmp_path, keras_hub):
         assert [layer.name for layer in task._flatten_layers() if not layer.built] == [], type(task).__name__
 
 
+def test_a_task_pools_channels_last_whatever_the_global_image_data_format(tmp_path, keras_hub):
+    preset = ks.save_preset(tiny_model(classes=3), tmp_path / "tiny")
+    images = np.random.RandomState(5).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = to_numpy(keras_hub.models.ImageClassifier.from_preset(preset).predict(images, verbose=0))
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        classifier = keras_hub.models.ImageClassifier.from_preset(preset)
+        np.testing.assert_allclose(to_numpy(classifier.predict(images, verbose=0)), expected, rtol=0, atol=1e-6)
+    finally:
+        keras.config.set_image_data_format(previous)
+
+
 def test_a_rejected_input_leaves_the_classifier_whole(tmp_path, keras_hub):
     classifier = keras_hub.models.ImageClassifier.from_preset(ks.save_preset(tiny_model(classes=3), tmp_path / "t"))
     images = np.random.RandomState(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")

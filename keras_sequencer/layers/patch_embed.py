@@ -34,8 +34,16 @@ class PatchEmbed(keras.layers.Layer):
         self.filters = filters
         self.patch_size = patch_size
         self.input_spec = keras.layers.InputSpec(ndim=4)
+        # Channels-last whatever Keras' global `image_data_format`: the models take channels-last images, and a
+        # file saved under one setting must load and compute the same under the other.
         self.proj = keras.layers.Conv2D(
-            filters, patch_size, strides=patch_size, padding="valid", name="proj", dtype=self.dtype_policy
+            filters,
+            patch_size,
+            strides=patch_size,
+            padding="valid",
+            data_format="channels_last",
+            name="proj",
+            dtype=self.dtype_policy,
         )
 
     def _check_size(self, shape):
@@ -52,7 +60,7 @@ class PatchEmbed(keras.layers.Layer):
 
     def call(self, inputs):
         self._check_size(inputs.shape)
-        if self.proj.data_format == "channels_last" and eager_torch.runs_torch_functions(inputs, (self, self.proj)):
+        if eager_torch.runs_torch_functions(inputs, (self, self.proj)):
             return self._torch_inference(inputs)
         return self.proj(inputs)
 

@@ -138,8 +138,12 @@ class Sequencer2DBackbone(SequencerInputs, _HubBackbone or keras.Model):
     Example:
     >>> backbone = Sequencer2DBackbone(**keras_sequencer.presets.variant_config("s"))
     >>> backbone(np.zeros((1, 224, 224, 3))).shape
-    (1, 14, 14, 384)
+    (1, 16, 16, 384)
     """
+
+    # Channels-last whatever Keras' global `image_data_format` (keras-hub's image tasks read this attribute to
+    # pool the backbone's output over the right axes).
+    data_format = "channels_last"
 
     def __init__(
         self,

@@ -205,16 +205,16 @@ def Sequencer2D(
 
     # === Head ===
     if include_top:
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
         # Under a mixed policy (e.g. "mixed_bfloat16") the head computes in float32, as Keras' mixed-precision
         # guide advises for the last layer: logits and probabilities keep float32 resolution.
         policy = keras.config.dtype_policy()
         head_dtype = "float32" if policy.compute_dtype != policy.variable_dtype else None
         x = keras.layers.Dense(classes, activation=classifier_activation, name="predictions", dtype=head_dtype)(x)
     elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
     elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+        x = keras.layers.GlobalMaxPooling2D(data_format="channels_last", name="max_pool")(x)
 
     # === Functional Model ===
     model = Sequencer2DModel(backbone.input, x, name=name)

@@ -345,6 +345,31 @@ def test_every_layer_is_built_with_the_model_and_after_reloading(tmp_path):
     assert not unbuilt(reloaded), unbuilt(reloaded)
 
 
+def test_channels_last_images_whatever_the_global_image_data_format(tmp_path):
+    """The models take channels-last images; a global `image_data_format` of "channels_first" (set by code
+    written for PyTorch-style models) changes neither how they are built nor how a saved file loads."""
+    images = np.random.RandomState(0).uniform(0, 255, (2, 32, 40, 3)).astype("float32")
+    model = ks.Sequencer2D(**TINY, classes=5, weights=None)
+    backbone = ks.Sequencer2DBackbone(**TINY)
+    expected, features = to_numpy(model.predict_on_batch(images)), to_numpy(backbone.predict_on_batch(images))
+    model.save(tmp_path / "m.keras")
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        rebuilt = ks.Sequencer2D(**TINY, classes=5, weights=None)
+        rebuilt.set_weights(model.get_weights())
+        rebuilt_backbone = ks.Sequencer2DBackbone(**TINY)
+        rebuilt_backbone.set_weights(backbone.get_weights())
+        reloaded = keras.saving.load_model(tmp_path / "m.keras")
+        pooled = ks.Sequencer2D(**TINY, include_top=False, pooling="max", weights=None)
+        np.testing.assert_allclose(to_numpy(rebuilt.predict_on_batch(images)), expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(reloaded.predict_on_batch(images)), expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(rebuilt_backbone.predict_on_batch(images)), features, rtol=0, atol=1e-6)
+        assert tuple(pooled.output.shape) == (None, TINY["embed_dims"][-1])
+    finally:
+        keras.config.set_image_data_format(previous)
+
+
 def test_every_option_trains_and_survives_saving(tmp_path):
     """One model with a block of each option (their first-stage sizes, 16 channels): one Adam step moves every
     weight (each option's gradient reaches all its weights), and the `.keras` file reloads to the same outputs."""
