@@ -151,13 +151,31 @@ def _train_job(tmp_path, name, out, epochs, sharding="keras", hang_process=None,
     return job
 
 
-def _single_process(out, epochs):
-    stdout = run_python(
-        _WORKER.replace("sys.argv[1]", repr(str(out))).replace("sys.argv[2]", str(epochs))
-        .replace("sys.argv[3]", "16").replace("sys.argv[4]", repr(json.dumps(ONE_BLOCK))),
-        backend="jax",
-    )  # fmt: skip
-    return json.loads(stdout.split("HISTORY ")[1].splitlines()[0]), np.load(out / "weights-0.npz")
+EPOCHS = 3
+
+
+@pytest.fixture(scope="session")
+def single_process(tmp_path_factory):
+    """The worker alone for EPOCHS epochs: its history and final weights, the reference every job must reach.
+
+    Run once per test session: pytest-xdist's workers share one folder of the session (a lock makes the
+    first one run it and the others wait for its files)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    out = root / "single-process"
+    with FileLock(str(root / "single-process.lock")):
+        if not (out / "history.json").exists():
+            out.mkdir(exist_ok=True)
+            stdout = run_python(
+                _WORKER.replace("sys.argv[1]", repr(str(out))).replace("sys.argv[2]", str(EPOCHS))
+                .replace("sys.argv[3]", "16").replace("sys.argv[4]", repr(json.dumps(ONE_BLOCK))),
+                backend="jax",
+            )  # fmt: skip
+            (out / "history.json").write_text(stdout.split("HISTORY ")[1].splitlines()[0])
+    return json.loads((out / "history.json").read_text()), np.load(out / "weights-0.npz")
 
 
 def _history(output: str) -> dict:
@@ -176,10 +194,9 @@ def _epochs_logged(out) -> list[int]:
     return [int(row.split(",")[0]) for row in rows[1:]]
 
 
-def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_path):
-    (tmp_path / "single").mkdir()
-    single_history, single_weights = _single_process(tmp_path / "single", 2)
-    job = _train_job(tmp_path, "job", tmp_path / "job", 2)
+def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_path, single_process):
+    single_history, single_weights = single_process
+    job = _train_job(tmp_path, "job", tmp_path / "job", EPOCHS)
     try:
         assert job.wait(300) == [0, 0], job.output(0)[-3000:] + job.output(1)[-3000:]
     finally:
@@ -195,18 +212,17 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_pat
         np.testing.assert_allclose(history["val_accuracy"], single_history["val_accuracy"], atol=1e-6)
         np.testing.assert_allclose(history["val_loss"], single_history["val_loss"], rtol=1e-5)
         np.testing.assert_allclose(history["loss"], single_history["loss"], rtol=1e-5)
-    assert _epochs_logged(tmp_path / "job") == [0, 1]
-    assert sorted(os.listdir(tmp_path / "job" / "backup")) == [
-        "epoch-0000.weights.h5", "epoch-0001.weights.h5", "state.json",
+    assert _epochs_logged(tmp_path / "job") == list(range(EPOCHS))
+    assert sorted(os.listdir(tmp_path / "job" / "backup")) == [  # the last two epochs' weights are kept
+        "epoch-0001.weights.h5", "epoch-0002.weights.h5", "state.json",
     ]  # fmt: skip
 
 
-def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path):
-    (tmp_path / "single").mkdir()
-    single_history, single_weights = _single_process(tmp_path / "single", 3)
+def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path, single_process):
+    single_history, single_weights = single_process
     out = tmp_path / "job"
     # Each process shards the samples itself here (train.run's way); global batches are the same.
-    job = _train_job(tmp_path, "killed", out, 3, sharding="source", hang_process=1, hang_epoch=2)
+    job = _train_job(tmp_path, "killed", out, EPOCHS, sharding="source", hang_process=1, hang_epoch=2)
     try:
         job.wait_for(1, "HANGING", timeout=300)
         job.kill(1)  # SIGKILL in the middle of epoch 2; the scheduler then stops the survivor too
@@ -216,7 +232,7 @@ def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path):
         job.kill()
     assert _epochs_logged(out) == [0, 1]
 
-    rerun = _train_job(tmp_path, "rerun", out, 3, sharding="source")
+    rerun = _train_job(tmp_path, "rerun", out, EPOCHS, sharding="source")
     try:
         assert rerun.wait(300) == [0, 0], rerun.output(0)[-3000:] + rerun.output(1)[-3000:]
     finally:
@@ -237,7 +253,7 @@ def test_a_killed_job_resumes_at_the_epoch_it_lost(tmp_path):
 
     # A host that does not see the shared output directory: every process stops with the reason.
     (tmp_path / "elsewhere").mkdir()
-    split = _train_job(tmp_path, "split", out, 3, sharding="source", outs=[out, tmp_path / "elsewhere"])
+    split = _train_job(tmp_path, "split", out, EPOCHS, sharding="source", outs=[out, tmp_path / "elsewhere"])
     try:
         assert split.wait(300) == [1, 1]
     finally:
