@@ -302,13 +302,18 @@ def make_dataset(
                     num_ops=augment.rand_augment_ops,
                     factor=augment.rand_augment,
                     seed=seed,
+                    data_format="channels_last",  # the batches' layout, whatever Keras' global setting
                     dtype="float32",
                 )  # fmt: skip
             )
         if augment.erasing > 0:
             color_ops.append(
                 keras.layers.RandomErasing(
-                    factor=(augment.erasing, augment.erasing), value_range=(0, 255), seed=seed, dtype="float32"
+                    factor=(augment.erasing, augment.erasing),
+                    value_range=(0, 255),
+                    seed=seed,
+                    data_format="channels_last",
+                    dtype="float32",
                 )
             )
 

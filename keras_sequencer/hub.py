@@ -86,9 +86,8 @@ class Sequencer2DImageConverter(keras_hub.layers.ImageConverter):
             **kwargs,
         )
         self.crop_pct = float(crop_pct)
-        # Weightless, like the converter itself (keras-hub marks it built): an unbuilt layer anywhere in a task
-        # makes Keras' JAX trainer run the whole model eagerly before its first `predict`.
-        self.resizing.build(None)
+        # Weightless, like the converter (which keras-hub marks built); docs/design.md, "Every layer built".
+        self.resizing.built = True
 
     @property
     def image_size(self):
@@ -206,9 +205,7 @@ class Sequencer2DImageClassifierPreprocessor(keras_hub.models.ImageClassifierPre
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Weightless and run by tf.data, not by the task's compiled functions; unbuilt, it would make Keras'
-        # JAX trainer run the whole task eagerly before its first `predict` (see Sequencer2DImageConverter).
-        self.built = True
+        self.built = True  # weightless, run by tf.data; docs/design.md, "Every layer built"
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")

@@ -3,6 +3,7 @@
 import os
 
 from conftest import global_dtype_policy
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -116,6 +117,21 @@ def test_the_paper_pipeline_stays_float32_under_a_mixed_policy(policy):
         batch, targets = next(iter(ds))
     assert batch.dtype == tf.float32 and targets.dtype == tf.float32 and batch.shape == (4, 32, 32, 3)
     assert np.all(np.isfinite(batch.numpy())) and np.allclose(targets.numpy().sum(-1), 1.0, atol=1e-5)
+
+
+def test_the_paper_pipeline_augments_channels_last_whatever_the_global_image_data_format():
+    """RandAugment and random erasing read the batches as they are, (batch, height, width, 3), also when Keras'
+    global `image_data_format` is "channels_first" (they would take the height for the channels)."""
+    images = np.random.RandomState(0).randint(0, 256, (8, 40, 40, 3)).astype(np.uint8)
+    source = tf.data.Dataset.from_tensor_slices((images, np.arange(8) % 4))
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        augment = data.Augment(erasing=1.0)  # every image erased, on top of the paper's RandAugment
+        batch, _ = next(iter(data.make_dataset(source, 4, 4, True, 32, augment, seed=0)))
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert batch.shape == (4, 32, 32, 3) and 0.0 <= float(tf.reduce_min(batch)) <= float(tf.reduce_max(batch)) <= 255
 
 
 def test_image_folder_pipeline_and_eval_transform(tmp_path):

@@ -129,6 +129,7 @@ def test_a_task_from_a_preset_has_every_layer_built(tmp_path, keras_hub):
 
 
 def test_a_task_pools_channels_last_whatever_the_global_image_data_format(tmp_path, keras_hub):
+    """keras-hub's classifier pools the backbone's output over the axes the backbone names (`data_format`)."""
     preset = ks.save_preset(tiny_model(classes=3), tmp_path / "tiny")
     images = np.random.RandomState(5).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = to_numpy(keras_hub.models.ImageClassifier.from_preset(preset).predict(images, verbose=0))

@@ -325,9 +325,9 @@ def test_each_option_model_has_the_size_its_definition_implies(option):
 
 @pytest.mark.backend_agnostic
 def test_every_layer_is_built_with_the_model_and_after_reloading(tmp_path):
-    """Keras' JAX trainer runs a whole eager forward pass before the first `predict` / `predict_on_batch` when
-    any layer of the model is unbuilt (for S on a CPU that doubled the first call); so is every layer of each
-    option model, of a model with drop path, of the backbone, and of a model reloaded from a `.keras` file."""
+    """Every layer of each option model, of a model with drop path, of the backbone and of a model reloaded
+    from a `.keras` file is built: Keras' JAX trainer runs a whole eager forward pass before the first
+    `predict` / `predict_on_batch` when any layer is unbuilt (for S on a CPU that doubled the first call)."""
 
     def unbuilt(model):
         return sorted(f"{layer.name} ({type(layer).__name__})" for layer in model._flatten_layers() if not layer.built)
