@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv and runs ruff and the test suite without keras-hub: the whole suite on the TensorFlow backend,
 # then the backend-dependent tests (not marked backend_agnostic) on JAX and on PyTorch. Then it installs
-# keras-hub and runs the tests marked `hub` on each backend. Prints the 25 slowest tests.
+# keras-hub and runs the tests marked `hub` on each backend (the three at once). Prints the 25 slowest tests.
 # Tests run in TEST_WORKERS pytest-xdist processes (default: one per core), each limited to one compute
 # thread so that they share the cores instead of fighting over them.
 # Usage: bash scripts/test.sh [extra pytest args]
@@ -50,16 +50,25 @@ done
 echo "== keras-hub"
 pip install -q --no-deps "keras-hub==${KERAS_HUB_VERSION:-0.32.0}" "tensorflow-text==${TF_TEXT_VERSION:-2.21.1}" &&
     pip install -q regex sentencepiece tokenizers kagglehub "kagglesdk==0.1.28" rich || exit 1
+# The three backends' passes run at once, one process each (one compute thread each when there are several
+# cores, as the xdist workers above): most of their time is single-threaded imports and compilation. Each has
+# its own log, printed in order when all are done, and its own temporary folder.
 for backend in tensorflow jax torch; do
     selection=(-m hub)
     [ "$backend" = tensorflow ] || selection=(-m "hub and not backend_agnostic")
-    echo "== pytest, KERAS_BACKEND=$backend ${selection[*]}"
-    # One process: the tests share one converted preset per module.
-    KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 OMP_NUM_THREADS=$(nproc) TF_NUM_INTRAOP_THREADS=$(nproc) \
-        XLA_FLAGS= python -m pytest -p no:cacheprovider -p no:xdist --junitxml="$reports/$backend-hub.xml" \
-        "${selection[@]}" "$@"
-    code=$?
-    [ $code -eq 0 ] || [ $code -eq 5 ] || status=1  # 5: arguments that select no hub test
+    # One process per backend: the tests share one converted preset per module.
+    (
+        echo "== pytest, KERAS_BACKEND=$backend ${selection[*]}"
+        KERAS_BACKEND=$backend TF_CPP_MIN_LOG_LEVEL=3 python -m pytest -p no:cacheprovider -p no:xdist \
+            --basetemp="$reports/tmp-$backend-hub" --junitxml="$reports/$backend-hub.xml" "${selection[@]}" "$@"
+        echo $? >"$reports/$backend-hub.status"
+    ) >"$reports/$backend-hub.log" 2>&1 &
+done
+wait
+for backend in tensorflow jax torch; do
+    cat "$reports/$backend-hub.log"
+    code=$(cat "$reports/$backend-hub.status" 2>/dev/null || echo 1)
+    [ "$code" -eq 0 ] || [ "$code" -eq 5 ] || status=1  # 5: arguments that select no hub test
 done
 
 echo "== 25 slowest tests (all passes)"
