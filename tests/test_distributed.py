@@ -158,13 +158,13 @@ EPOCHS = 3
 def single_process(tmp_path_factory):
     """The worker alone for EPOCHS epochs: its history and final weights, the reference every job must reach.
 
-    Run once per test session: pytest-xdist's workers share one folder of the session (a lock makes the
-    first one run it and the others wait for its files)."""
+    Run once per pytest run: pytest-xdist's workers share the run's temporary folder (a lock makes the first
+    one run it and the others wait for its files)."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above each worker's own
+        root = root.parent  # the run's folder, above each worker's own
     out = root / "single-process"
     with FileLock(str(root / "single-process.lock")):
         if not (out / "history.json").exists():
