@@ -127,6 +127,17 @@ def global_dtype_policy(name: str):
         keras.mixed_precision.set_global_policy(previous)
 
 
+@contextlib.contextmanager
+def global_image_data_format(name: str):
+    """Keras' global `image_data_format` set to `name` inside the block, restored after it."""
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format(name)
+    try:
+        yield
+    finally:
+        keras.config.set_image_data_format(previous)
+
+
 def authors_layout(state_dict: dict, layers) -> dict:
     """timm layout -> the authors' GitHub-release layout (inverse of timm's filter).
 

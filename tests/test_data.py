@@ -2,8 +2,7 @@
 
 import os
 
-from conftest import global_dtype_policy
-import keras
+from conftest import global_dtype_policy, global_image_data_format
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -124,13 +123,9 @@ def test_the_paper_pipeline_augments_channels_last_whatever_the_global_image_dat
     global `image_data_format` is "channels_first" (they would take the height for the channels)."""
     images = np.random.RandomState(0).randint(0, 256, (8, 40, 40, 3)).astype(np.uint8)
     source = tf.data.Dataset.from_tensor_slices((images, np.arange(8) % 4))
-    previous = keras.config.image_data_format()
-    keras.config.set_image_data_format("channels_first")
-    try:
+    with global_image_data_format("channels_first"):
         augment = data.Augment(erasing=1.0)  # every image erased, on top of the paper's RandAugment
         batch, _ = next(iter(data.make_dataset(source, 4, 4, True, 32, augment, seed=0)))
-    finally:
-        keras.config.set_image_data_format(previous)
     assert batch.shape == (4, 32, 32, 3) and 0.0 <= float(tf.reduce_min(batch)) <= float(tf.reduce_max(batch)) <= 255
 
 

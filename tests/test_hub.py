@@ -8,7 +8,17 @@ import json
 import os
 import shutil
 
-from conftest import TINY, normalise, run_cli, run_python, timm_logits, timm_model, tiny_model, to_numpy
+from conftest import (
+    TINY,
+    global_image_data_format,
+    normalise,
+    run_cli,
+    run_python,
+    timm_logits,
+    timm_model,
+    tiny_model,
+    to_numpy,
+)
 import keras
 import numpy as np
 import pytest
@@ -133,13 +143,9 @@ def test_a_task_pools_channels_last_whatever_the_global_image_data_format(tmp_pa
     preset = ks.save_preset(tiny_model(classes=3), tmp_path / "tiny")
     images = np.random.RandomState(5).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = to_numpy(keras_hub.models.ImageClassifier.from_preset(preset).predict(images, verbose=0))
-    previous = keras.config.image_data_format()
-    keras.config.set_image_data_format("channels_first")
-    try:
+    with global_image_data_format("channels_first"):
         classifier = keras_hub.models.ImageClassifier.from_preset(preset)
         np.testing.assert_allclose(to_numpy(classifier.predict(images, verbose=0)), expected, rtol=0, atol=1e-6)
-    finally:
-        keras.config.set_image_data_format(previous)
 
 
 def test_a_rejected_input_leaves_the_classifier_whole(tmp_path, keras_hub):

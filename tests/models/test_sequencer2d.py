@@ -11,6 +11,7 @@ from conftest import (
     TINY,
     authors_layout,
     global_dtype_policy,
+    global_image_data_format,
     normalise,
     random_images,
     timm_logits,
@@ -353,9 +354,7 @@ def test_channels_last_images_whatever_the_global_image_data_format(tmp_path):
     backbone = ks.Sequencer2DBackbone(**TINY)
     expected, features = to_numpy(model.predict_on_batch(images)), to_numpy(backbone.predict_on_batch(images))
     model.save(tmp_path / "m.keras")
-    previous = keras.config.image_data_format()
-    keras.config.set_image_data_format("channels_first")
-    try:
+    with global_image_data_format("channels_first"):
         rebuilt = ks.Sequencer2D(**TINY, classes=5, weights=None)
         rebuilt.set_weights(model.get_weights())
         rebuilt_backbone = ks.Sequencer2DBackbone(**TINY)
@@ -366,8 +365,6 @@ def test_channels_last_images_whatever_the_global_image_data_format(tmp_path):
         np.testing.assert_allclose(to_numpy(reloaded.predict_on_batch(images)), expected, rtol=0, atol=1e-6)
         np.testing.assert_allclose(to_numpy(rebuilt_backbone.predict_on_batch(images)), features, rtol=0, atol=1e-6)
         assert tuple(pooled.output.shape) == (None, TINY["embed_dims"][-1])
-    finally:
-        keras.config.set_image_data_format(previous)
 
 
 def test_every_option_trains_and_survives_saving(tmp_path):
