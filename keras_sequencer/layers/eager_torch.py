@@ -1,4 +1,4 @@
-"""Eager PyTorch inference in float32 without Keras' per-layer calls.
+"""Eager PyTorch inference without Keras' per-layer calls.
 
 PyTorch runs a model eagerly, so Keras' per-call work (input conversion,
 call context, autocast and mask handling) and the dtype checks of every
@@ -6,22 +6,26 @@ call context, autocast and mask handling) and the dtype checks of every
 ~35 us of Python per layer: the pause lets PyTorch's OpenMP threads go
 idle, and the next matmul pays for waking them (a 0.4 ms matmul took
 ~70 us longer right after a layer call; `benchmarks/README.md`). Without
-autograd, in float32:
+autograd:
 
-- `Sequencer2DBlock` and `PatchEmbed` call torch's own functions on their
-  variables, the functions Keras' layers call (`runs_torch_functions`);
-- the Sequencer2D models run the layers of their chain by each layer's
+- `Sequencer2DBlock` (in float32 and under `"mixed_bfloat16"`) and
+  `PatchEmbed` (in float32) call torch's own functions on their variables,
+  the functions Keras' layers call (`runs_torch_functions`); in bfloat16
+  the weights' 16-bit copies, which Keras' autocasting makes on every
+  call, are kept (`values_as`);
+- float32 Sequencer2D models run the layers of their chain by each layer's
   `call` (`layer_chain`, `call_chain`): for those layers in float32 without
   hooks, what `Layer.__call__` adds to `call` has nothing to do there.
 
 The tests find the results equal to Keras' calls to the bit on a CPU.
 Anything else keeps Keras' calls: autograd on, `torch.autocast`, forward
-hooks, 16-bit policies, quantized layers, rematerialisation, activity
-regularizers, LoRA on a block's sublayers (a LoRA head runs its own `call`),
-graphs that are not a chain of the known layers; and TensorFlow and JAX,
-which trace a model once.
+hooks, float16 policies (Keras' matmul computes float16 in float32 on a
+CPU), quantized layers, rematerialisation, activity regularizers, LoRA on a
+block's sublayers (a LoRA head runs its own `call`), graphs that are not a
+chain of the known layers; and TensorFlow and JAX, which trace a model once.
 """
 
+import contextlib
 import weakref
 
 import keras
@@ -29,15 +33,21 @@ import keras
 _LINEAR = keras.activations.get(None)
 
 
-def eager_inference(x) -> bool:
-    """Whether `x` is a float32 torch tensor in eager PyTorch inference: the PyTorch backend, autograd off, no
-    `torch.autocast`, no global forward hooks (which every layer call would run)."""
+# Compute dtypes whose layers may run torch's functions directly (`runs_torch_functions`).
+DIRECT_DTYPES = ("float32", "bfloat16")
+
+
+def eager_inference(x, dtypes=("float32",)) -> bool:
+    """Whether `x` is a torch tensor of one of `dtypes` in eager PyTorch inference: the PyTorch backend,
+    autograd off, no `torch.autocast`, no global forward hooks (which every layer call would run)."""
     if keras.backend.backend() != "torch":
         return False
     import torch
     from torch.nn.modules import module
 
-    if torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.is_meta:
+    if torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.is_meta:
+        return False
+    if keras.backend.standardize_dtype(x.dtype) not in dtypes:
         return False
     try:
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -48,11 +58,14 @@ def eager_inference(x) -> bool:
     return not (getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
-def plain(layer) -> bool:
-    """Whether `layer.__call__` would run `layer.call` and nothing else on a float32 tensor without a mask:
-    float32 policy (not quantized), no rematerialisation, activity regularizer or forward hooks."""
+def plain(layer, compute_dtype="float32") -> bool:
+    """Whether `layer.__call__` would compute nothing but `layer.call` on a tensor of `compute_dtype` without a
+    mask: that compute dtype, not quantized, no rematerialisation, activity regularizer or forward hooks. (In
+    float32 `call` alone gives the same result; a mixed policy's `__call__` also casts the variables.)"""
+    policy = layer.dtype_policy
     return (
-        layer.dtype_policy.name == "float32"
+        policy.compute_dtype == compute_dtype
+        and policy.quantization_mode is None
         and getattr(layer, "_remat_mode", None) is None
         and layer.activity_regularizer is None
         and not layer._forward_hooks
@@ -60,16 +73,17 @@ def plain(layer) -> bool:
     )
 
 
-def runs_torch_functions(x, layers) -> bool:
+def runs_torch_functions(x, layers, dtypes=DIRECT_DTYPES) -> bool:
     """Whether a layer may compute `x` with torch's functions on the variables of `layers` (itself and the
-    sublayers it would call): `eager_inference(x)`, every layer `plain`; `Dense` and `Conv2D` ones exactly
-    those classes, without activation or LoRA; `LayerNormalization` exactly that, centred and scaled, without
-    RMS scaling."""
-    if not eager_inference(x):
+    sublayers it would call): `eager_inference(x)` for one of `dtypes`, every layer `plain` in
+    `x`'s dtype; `Dense` and `Conv2D` ones exactly those classes, without activation or LoRA;
+    `LayerNormalization` exactly that, centred and scaled, without RMS scaling."""
+    if not eager_inference(x, dtypes):
         return False
+    dtype = keras.backend.standardize_dtype(x.dtype)
     dense, norm = (keras.layers.Dense, keras.layers.Conv2D), keras.layers.LayerNormalization
     for layer in layers:
-        if not plain(layer):
+        if not plain(layer, dtype):
             return False
         if isinstance(layer, dense) and (
             type(layer) not in dense or getattr(layer, "lora_enabled", False) or layer.activation is not _LINEAR
@@ -80,6 +94,49 @@ def runs_torch_functions(x, layers) -> bool:
         ):
             return False
     return True
+
+
+@contextlib.contextmanager
+def stored_values():
+    """Within it a variable's `.value` is the tensor as stored: inside a mixed-precision layer's call Keras
+    would give a 16-bit copy instead, and Keras' layer norm computes with the float32 values."""
+    from keras.src.backend.common.variables import AutocastScope, get_autocast_scope
+
+    if get_autocast_scope() is None:
+        yield
+        return
+    with AutocastScope(None):
+        yield
+
+
+# owner -> (stamp, the source tensors, what was made from them); weak: dies with the owner. The entry holds
+# the tensors, so the ids in its stamp cannot be reused while it lives.
+_KEPT = weakref.WeakKeyDictionary()
+
+
+def kept(owner, key, sources, make):
+    """`make(*sources)`, made once for `owner` and `key` and reused while `sources` are the same tensors, unchanged.
+
+    Keras writes a variable in place (`assign`), which bumps the tensor's
+    version counter, part of the stamp; a new tensor has a new id. One
+    entry per owner: another `key` replaces it.
+    """
+    stamp = (key, *(id(t) for t in sources), *(t._version for t in sources))
+    cached = _KEPT.get(owner)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, sources, make(*sources))
+        _KEPT[owner] = cached
+    return cached[2]
+
+
+def values_as(layer, names, dtype):
+    """The stored values of `layer`'s variables `names` in torch dtype `dtype`: the tensors themselves where
+    they have it, else copies kept by `kept` (the cast Keras' autocasting makes on every call)."""
+    with stored_values():
+        sources = tuple(getattr(layer, name).value for name in names)
+    if all(t.dtype == dtype for t in sources):
+        return sources
+    return kept(layer, dtype, sources, lambda *tensors: tuple(t.to(dtype) for t in tensors))
 
 
 # model -> its layers in order (None: not a chain); weak: dies with the model. A functional graph is fixed.

@@ -203,8 +203,9 @@ class Sequencer2DBlock(keras.layers.Layer):
 
     def _torch_inference(self, x):
         """`call(x, training=False)` in PyTorch's own functions on the variables' tensors (see
-        `eager_torch`): the functions Keras' layers call, in the same order, so the result is
-        the same (to the bit in the tests).
+        `eager_torch`): the functions Keras' layers call, in the same order and dtypes, so the result is
+        the same (to the bit in the tests). In bfloat16 the layer norms compute in float32 with the
+        float32 weights, as Keras' do, and the matmuls in bfloat16 with kept copies of the weights.
 
         Where a result is this function's own, the next elementwise op writes into it (`add_`, `gelu_`):
         each fresh feature-map-sized buffer costs page faults, and at batch 1 the out-of-place bias add of
@@ -213,14 +214,19 @@ class Sequencer2DBlock(keras.layers.Layer):
         import torch
         from torch.nn import functional
 
+        dtype = x.dtype
+
         def norm(layer, x):
-            return functional.layer_norm(x, x.shape[-1:], layer.gamma.value, layer.beta.value, layer.epsilon)
+            gamma, beta = eager_torch.values_as(layer, ("gamma", "beta"), torch.float32)
+            return functional.layer_norm(x.float(), x.shape[-1:], gamma, beta, layer.epsilon).to(dtype)
 
         def dense(layer, x):
-            return x.matmul(layer.kernel.value).add_(layer.bias.value)
+            kernel, bias = eager_torch.values_as(layer, ("kernel", "bias"), dtype)
+            return x.matmul(kernel).add_(bias)
 
         rnn = self.rnn_tokens
-        mixed = token_mixing.mix(rnn, norm(self.norm1, x), training=False)
+        with eager_torch.stored_values():  # the LSTM cells' weights: cast once and kept by `mix`
+            mixed = token_mixing.mix(rnn, norm(self.norm1, x), training=False)
         x = dense(rnn.fc, mixed).add_(x) if rnn.fc is not None else x + mixed
         hidden = torch.ops.aten.gelu_(dense(self.fc1, norm(self.norm2, x)))
         return dense(self.fc2, hidden).add_(x)

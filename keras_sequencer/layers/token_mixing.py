@@ -44,11 +44,12 @@ import contextlib
 import contextvars
 import functools
 import uuid
-import weakref
 
 import keras
 from keras import ops
 import numpy as np
+
+from keras_sequencer.layers import eager_torch
 
 PATHS = ("keras", "unrolled", "scan", "torch", "tensorflow")
 EXPORT_PATHS = ("tflite_unrolled", "tflite_unrolled_int8", "tflite_lstm")
@@ -530,11 +531,6 @@ def mix_torch(layer, x):
     return torch.cat([v, h], dim=-1)
 
 
-# cell -> (stamp, the variables' tensors, their copies in torch's layout); weak: dies with the cell. The entry
-# holds the tensors, so the ids in its stamp cannot be reused while it lives.
-_TORCH_LAYOUT = weakref.WeakKeyDictionary()
-
-
 def _torch_lstm_weights(cell, dtype):
     """One LSTM cell's weights as `torch.lstm` takes them: `[W_ih, W_hh, b_ih, b_hh]`.
 
@@ -542,26 +538,19 @@ def _torch_lstm_weights(cell, dtype):
     torch wants them transposed and two biases. The transposes are copies,
     and at batch 1 copying S's 144 matrices on every call cost about 12 % of
     a forward pass. Without autograd (inference) the copies are kept and
-    reused until a variable changes: Keras writes variables in place, which
-    bumps the tensor's version counter, part of the cache key. With
-    autograd they are made per call, so gradients reach the variables.
+    reused until a variable changes (`eager_torch.kept`). With autograd
+    they are made per call, so gradients reach the variables.
     """
     import torch
 
-    sources = (cell.kernel.value, cell.recurrent_kernel.value, cell.bias.value)
-
-    def layout():
-        kernel, recurrent, bias = (t.to(dtype) for t in sources)
+    def layout(kernel, recurrent, bias):
+        kernel, recurrent, bias = (t.to(dtype) for t in (kernel, recurrent, bias))
         return [kernel.T.contiguous(), recurrent.T.contiguous(), bias, torch.zeros_like(bias)]
 
+    sources = (cell.kernel.value, cell.recurrent_kernel.value, cell.bias.value)
     if torch.is_grad_enabled():
-        return layout()
-    stamp = (dtype, *(id(t) for t in sources), *(t._version for t in sources))
-    cached = _TORCH_LAYOUT.get(cell)
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, sources, layout())
-        _TORCH_LAYOUT[cell] = cached
-    return cached[2]
+        return layout(*sources)
+    return eager_torch.kept(cell, dtype, sources, layout)
 
 
 # === "tensorflow": TensorFlow's fused LSTM kernel ===

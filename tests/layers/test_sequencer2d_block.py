@@ -111,12 +111,12 @@ def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
     hook.remove()
     assert runs_direct(block)
 
-    half = Sequencer2DBlock(3, mlp_ratio=3.0, dtype="mixed_bfloat16")
+    half = Sequencer2DBlock(3, mlp_ratio=3.0, dtype="mixed_float16")  # Keras' matmul: float16 in float32 on a CPU
     half.build(x.shape)
     assert not runs_direct(half)
     with torch.no_grad():
         assert eager_torch.runs_torch_functions(x, block._sublayers())
-        assert not eager_torch.runs_torch_functions(x, half._sublayers())  # a float32 input, a 16-bit block
+        assert not eager_torch.runs_torch_functions(x.bfloat16(), block._sublayers())  # not the block's dtype
     block.fc2.enable_lora(2)
     assert not runs_direct(block)
     block, _ = _block_and_timms()
@@ -175,3 +175,24 @@ def test_training_gradients_equal_timms_autograd(graph):
     np.testing.assert_allclose(found[mixer.fc.kernel.path], grads["rnn_tokens.fc.weight"].T, atol=1e-5, rtol=1e-5)
     cell = mixer.rnn_v.forward_layer.cell
     np.testing.assert_allclose(found[cell.kernel.path], grads["rnn_tokens.rnn_v.weight_ih_l0"].T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")
+def test_torch_bfloat16_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
+    """Under "mixed_bfloat16" a block on PyTorch without autograd runs torch's functions too (matmuls in bfloat16
+    on kept copies of the weights, layer norms in float32): the sublayers' calls' output to the bit, before and
+    after the weights change, for a bfloat16 input and a float32 one (cast as Keras casts a layer's input)."""
+    import torch
+
+    block, _ = _block_and_timms()
+    half = Sequencer2DBlock(3, mlp_ratio=3.0, dtype="mixed_bfloat16")
+    half.build((2, 4, 3, 8))
+    half.set_weights(block.get_weights())
+    direct = _direct_calls(monkeypatch)
+    x = torch.from_numpy(np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32"))
+    for step in range(2):
+        for inputs in (x.bfloat16(), x):
+            out = _without_autograd(half, inputs)
+            np.testing.assert_array_equal(out, half(inputs).detach().float().numpy())  # autograd on: Keras' calls
+        assert len(direct) == 2 * (step + 1)
+        half.set_weights([w * 1.5 + 0.01 for w in half.get_weights()])  # in place: the kept copies must follow
