@@ -1,28 +1,21 @@
 """`python -m keras_sequencer bench`: our Sequencer2D against timm's, in one run.
 
-Every engine runs in its own process (a Keras backend is fixed per process,
-and TensorFlow's thread pools slow anything sharing its process): timm
-(PyTorch), Keras on each requested backend with each forward path
-(`implementation="auto"` (the default: what a user gets) / `"keras"` /
-`"fused"`), and optionally the float32 TFLite export in the LiteRT
-interpreter. Per variant, timm's process stays up while each Keras engine's
-process starts, makes the first call of each task alone (`first_inference`
-per batch size, as XLA compiles per input shape; `first_train_step`:
-tracing, graph building and compilation included; in seconds), and is then
-timed in alternation with timm, call by call: inference
-(`predict_on_batch` / a `torch.no_grad()` forward) at each batch size and
-one training step (forward + backward + AdamW) at the largest, `warmup`
-pairs of calls and then `runs` timed pairs, each call timed inside its
-process. Processes on these machines drift apart by tens of percent over
-minutes; alternating makes an engine and timm share the machine's state, so
-each Keras row's ratio is against the median of the timm calls paired with
-it (`timm_seconds` in the JSON), and timm's own row is the median of those.
-A separate process per engine measures the peak memory of inference at
-`memory_size`: the rise of the process' peak RSS over its RSS just before
-the call, for the first call (`memory`: compilation included, e.g. XLA) and
-for a second one (`memory_warm`: the growth beyond what the process already
-holds after the first call, allocator pools included; Linux only, where the
-peak can be reset).
+Every engine runs in its own fresh process (a Keras backend is fixed per
+process, and TensorFlow's thread pools slow anything sharing its process):
+timm (PyTorch), Keras on each requested backend with each forward path
+(`implementation="auto"` (the default: what a user gets) / `"keras"` / `"fused"`), and optionally the float32 TFLite
+export in the LiteRT interpreter. Each process times, per variant and batch
+size, inference (`predict_on_batch` / `torch.no_grad()` forward) and one
+training step (forward + backward + AdamW), after the first call and warm-up
+calls, as the median of `runs` calls, and the first call of each
+(`first_inference`, per batch size, as XLA compiles per input shape;
+`first_train_step`: tracing, graph building and compilation included, in
+seconds); a separate process per engine measures the peak memory of
+inference at `memory_size`: the rise of the process' peak RSS over its RSS
+just before the call, for the first call (`memory`: compilation
+included, e.g. XLA) and for a second one (`memory_warm`: the growth beyond
+what the process already holds after the first call, allocator pools
+included; Linux only, where the peak can be reset).
 
 Every speed is also set against the machine's fp32 ceiling: the rate of a
 large float32 matmul (torch, 2048², torch's default threads) divided by the model's
@@ -86,32 +79,19 @@ def _median_seconds(fn, runs: int, warmup: int) -> float:
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return _median(times)
+    times.sort()
+    return times[len(times) // 2]
 
 
-FIRST_CALLS = ("first_inference", "first_train_step")  # "first_" + the timed task
+FIRST_CALLS = ("first_inference", "first_train_step")
 
 
-def _task_key(variant: str, task: str, batch: int) -> str:
-    """The name of a timed call (`"s|inference|16"`), as workers and the run exchange it."""
-    return f"{variant}|{task}|{batch}"
-
-
-def _task_fields(key: str) -> dict:
-    variant, task, batch = key.split("|")
-    return {"task": task, "variant": variant, "batch": int(batch)}
-
-
-def _first_calls(calls: dict) -> list:
-    """Makes the first call of each timed call, in order, timed whole (tracing, graph building and compilation
-    included: XLA compiles per input shape): the `first_inference` / `first_train_step` rows."""
-    rows = []
-    for key, call in calls.items():
-        started = time.perf_counter()
-        call()
-        fields = _task_fields(key)
-        rows.append({**fields, "task": "first_" + fields["task"], "seconds": time.perf_counter() - started})
-    return rows
+def _first_call_row(task: str, call, variant: str, batch: int) -> dict:
+    """The first call of `task` (one of `FIRST_CALLS`) at this shape, timed whole: tracing, graph building and
+    compilation included."""
+    started = time.perf_counter()
+    call()
+    return {"task": task, "variant": variant, "batch": batch, "seconds": time.perf_counter() - started}
 
 
 def _rss_bytes() -> int:
@@ -177,7 +157,6 @@ def _gemm_worker(job):
 
 
 def _timm_worker(job):
-    """timm's rows and timed calls for `job` (see `_timed_calls`)."""
     import contextlib
 
     import numpy as np
@@ -194,40 +173,43 @@ def _timm_worker(job):
         sync()
         return out
 
-    def inference(model, x):
-        with torch.no_grad():
-            return forward(model, x)
-
-    rows, calls = [], {}
+    rows = []
     for variant in job["variants"]:
         model = timm.create_model(f"sequencer2d_{variant}", pretrained=False).eval().to(device)
         if job["memory"]:
             side = job["memory_size"]
             x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, side, side)).astype("float32")).to(device)
-            rows += _memory_rows(lambda model=model, x=x: inference(model, x), variant, side)
+            with torch.no_grad():
+                rows += _memory_rows(lambda model=model, x=x: forward(model, x), variant, side)
             continue
         for batch in job["batch_sizes"]:
             shape = (batch, 3, job["size"], job["size"])
             x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype("float32")).to(device)
-            calls[_task_key(variant, "inference", batch)] = lambda x=x, model=model: inference(model, x)
+            with torch.no_grad():
+                rows.append(_first_call_row("first_inference", lambda x=x, model=model: forward(model, x), variant,
+                                            batch))  # fmt: skip
+                seconds = _median_seconds(lambda x=x, model=model: forward(model, x), job["runs"], job["warmup"])
+            rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
         if job["train"]:
             batch = max(job["batch_sizes"])
-            train_model = timm.create_model(f"sequencer2d_{variant}", pretrained=False).train().to(device)
-            optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-4, weight_decay=0.05)
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
             x = torch.randn(batch, 3, job["size"], job["size"], device=device)
             y = torch.randint(0, 1000, (batch,), device=device)
             # float16 gradients underflow without loss scaling: AMP's scaler, as Keras' LossScaleOptimizer
             scaler = torch.amp.GradScaler(device.type, enabled=autocast == "float16")
 
-            def step(model=train_model, optimizer=optimizer, x=x, y=y, scaler=scaler):
+            def step(model=model, optimizer=optimizer, x=x, y=y, scaler=scaler):
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(torch.nn.functional.cross_entropy(forward(model, x).float(), y)).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 sync()
 
-            calls[_task_key(variant, "train_step", batch)] = step
-    return rows + _first_calls(calls), calls
+            rows.append(_first_call_row("first_train_step", step, variant, batch))
+            rows.append({"task": "train_step", "variant": variant, "batch": batch,
+                         "seconds": _median_seconds(step, job["runs"], job["warmup"])})  # fmt: skip
+    return rows
 
 
 def _keras_worker(job):
@@ -246,7 +228,7 @@ def _keras_worker(job):
               for task, training in (("inference", False), ("train_step", True))}  # fmt: skip
     chosen["first_train_step"], chosen["first_inference"] = chosen["train_step"], chosen["inference"]
     device = "accelerator" if on_accelerator(keras.backend.backend()) else "cpu"
-    rows, calls = [], {}
+    rows = []
     for variant in job["variants"]:
         size = job["memory_size"] if job["memory"] else job["size"]
         model = builders[variant](weights=None, input_shape=(size, size, 3), classifier_activation=None,
@@ -257,20 +239,25 @@ def _keras_worker(job):
             continue
         for batch in job["batch_sizes"]:
             x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype("float32")
-            calls[_task_key(variant, "inference", batch)] = lambda x=x, model=model: model.predict_on_batch(x)
+            rows.append(_first_call_row("first_inference", lambda x=x, model=model: model.predict_on_batch(x), variant,
+                                        batch))  # fmt: skip
+            seconds = _median_seconds(lambda x=x, model=model: model.predict_on_batch(x), job["runs"], job["warmup"])
+            rows.append({"task": "inference", "variant": variant, "batch": batch, "seconds": seconds})
         if job["train"]:
             batch = max(job["batch_sizes"])
-            train_model = builders[variant](weights=None, input_shape=(size, size, 3), classifier_activation=None,
-                                            implementation=job["path"])  # fmt: skip
-            train_model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
-                                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+            model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
             x = np.random.default_rng(1).uniform(0, 255, (batch, size, size, 3)).astype("float32")
             y = np.random.default_rng(2).integers(0, 1000, (batch,))
-            calls[_task_key(variant, "train_step", batch)] = lambda m=train_model, x=x, y=y: m.train_on_batch(x, y)
-    rows += _first_calls(calls)
+            rows.append(_first_call_row("first_train_step", lambda model=model, x=x, y=y: model.train_on_batch(x, y),
+                                        variant, batch))  # fmt: skip
+            seconds = _median_seconds(
+                lambda model=model, x=x, y=y: model.train_on_batch(x, y), job["runs"], job["warmup"]
+            )
+            rows.append({"task": "train_step", "variant": variant, "batch": batch, "seconds": seconds})
     for row in rows:
         row["chosen_path"], row["device"] = chosen.get(row["task"], chosen["inference"]), device
-    return rows, calls
+    return rows
 
 
 def _tflite_export_worker(job):
@@ -328,98 +315,9 @@ def _spawn(kind: str, job: dict, backend: str = "tensorflow"):
 
 
 def _run_worker(kind: str, job_json: str):
-    """One-shot workers (the matmul rate, memory, TFLite): print their rows and exit."""
     if kind == "timm":
         import timm  # noqa: F401  (before anything that loads TensorFlow; see README, Known issues)
-    found = _WORKERS[kind](json.loads(job_json))
-    print(json.dumps(found[0] if kind in _TIMED_WORKERS else found))
-
-
-_TIMED_WORKERS = ("timm", "keras")
-
-
-def _serve_worker(kind: str, job_json: str):
-    """A timing worker kept alive: sets up (first calls included), reports its first-call rows and the names
-    of its timed calls, then times one call per name read from stdin until stdin closes. The replies go
-    to the original stdout; anything the libraries print goes to stderr."""
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    if kind == "timm":
-        import timm  # noqa: F401  (before anything that loads TensorFlow; see README, Known issues)
-    rows, calls = _WORKERS[kind](json.loads(job_json))
-    replies.write(json.dumps({"rows": rows, "calls": list(calls)}) + "\n")
-    for line in sys.stdin:
-        call = calls[line.strip()]
-        started = time.perf_counter()
-        call()
-        replies.write(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
-
-
-class _Engine:
-    """A `_serve_worker` process: its first-call `rows`, the names of its timed `calls`, and `time(name)`,
-    one call timed inside the worker. A worker that fails raises RuntimeError with its stderr's end."""
-
-    def __init__(self, kind: str, job: dict, backend: str):
-        self.label = f"{kind} ({backend})"
-        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        code = "import sys; from keras_sequencer.bench import _serve_worker; _serve_worker(sys.argv[1], sys.argv[2])"
-        self._stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: TensorFlow's logs cannot fill it
-        self._process = subprocess.Popen([sys.executable, "-c", code, kind, json.dumps(job)], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)  # fmt: skip
-        ready = self._reply()
-        self.rows, self.calls = ready["rows"], ready["calls"]
-
-    def _reply(self) -> dict:
-        line = self._process.stdout.readline()
-        if not line:
-            status = self._process.wait()
-            self._stderr.seek(0)
-            raise RuntimeError(f"benchmark worker {self.label} failed with exit status {status}:\n"
-                               f"{self._stderr.read()[-3000:]}")  # fmt: skip
-        return json.loads(line)
-
-    def time(self, name: str) -> float:
-        try:
-            self._process.stdin.write(name + "\n")
-            self._process.stdin.flush()
-        except BrokenPipeError:
-            pass  # the worker died: `_reply` reports it
-        return self._reply()["seconds"]
-
-    def close(self):
-        try:
-            self._process.stdin.close()
-        except BrokenPipeError:
-            pass
-        try:
-            self._process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._stderr.close()
-
-
-# Seconds between two engines' calls: TensorFlow's and XLA's idle threads spin briefly before they sleep,
-# which would slow the other engine's next call.
-_PAUSE = 0.05
-
-
-def _alternate(timm, engine, name: str, runs: int, warmup: int):
-    """Times `name` on `timm` and `engine` in alternation, call by call (`warmup` untimed pairs first): the
-    medians of the engine's and of timm's calls, which saw the same machine."""
-    times = {id(timm): [], id(engine): []}
-    for round_ in range(warmup + runs):
-        for worker in (timm, engine):
-            time.sleep(_PAUSE)
-            seconds = worker.time(name)
-            if round_ >= warmup:
-                times[id(worker)].append(seconds)
-    return _median(times[id(engine)]), _median(times[id(timm)])
-
-
-def _median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
+    print(json.dumps(_WORKERS[kind](json.loads(job_json))))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -494,9 +392,12 @@ def run(
                          "'mixed_bfloat16' (or 'float32').")  # fmt: skip
     if on_gpu:
         log(f"on {gemm['device']}: timm runs on the GPU, Keras where its backend puts it (column `device`)")
-    engines = [(f"keras-{backend}", path, backend) for backend in backends for path in paths]
-    for variant in variants:
-        _time_against_timm(variant, engines, {**job, "variants": [variant]}, rows, failures, save, log)
+    log("timm (PyTorch) ...")
+    measure("timm", "-", "timm", job, "torch")
+    for backend in backends:
+        for path in paths:
+            log(f"keras on {backend}, implementation={path} ...")
+            measure(f"keras-{backend}", path, "keras", {**job, "path": path}, backend)
     if memory and on_gpu:
         log("peak memory skipped: it is measured as host RSS, which says nothing of GPU memory")
     elif memory:
@@ -524,64 +425,6 @@ def run(
     return result
 
 
-def _time_against_timm(variant, engines, job, rows, failures, save, log):
-    """One variant: timm's worker stays up while each Keras engine's worker starts (its first calls made
-    alone) and is timed in alternation with it (`_alternate`). An engine's row keeps the median of timm's
-    calls paired with it (`timm_seconds`, its `vs_timm`); timm's row, the median of those medians. A failing
-    engine is recorded in `failures` and the others still run."""
-
-    def start(engine, path, kind, worker_job, backend):
-        try:
-            return _Engine(kind, worker_job, backend)
-        except RuntimeError as error:
-            fail(engine, path, kind, error)
-            return None
-
-    def fail(engine, path, kind, error):
-        log(f"  {engine} ({path}) failed: {str(error).strip().splitlines()[-1]}")
-        failures.append({"engine": engine, "path": path, "kind": kind, "error": str(error)[-3000:]})
-        save(complete=False)
-
-    log(f"timm (PyTorch), {variant.upper()} ...")
-    timm = start("timm", "-", "timm", job, "torch")
-    if timm is None:
-        return
-    rows.extend({"engine": "timm", "path": "-", **row} for row in timm.rows)
-    paired = {name: [] for name in timm.calls}
-    try:
-        for engine, path, backend in engines:
-            log(f"keras on {backend}, implementation={path}, {variant.upper()} ...")
-            worker = start(engine, path, "keras", {**job, "path": path}, backend)
-            if worker is None:
-                continue
-            try:
-                found = [{"engine": engine, "path": path, **row} for row in worker.rows]
-                first = {(row["task"], row["batch"]): row for row in worker.rows}
-                for name in worker.calls:
-                    fields = _task_fields(name)
-                    seconds, timm_seconds = _alternate(timm, worker, name, job["runs"], job["warmup"])
-                    chosen = first["first_" + fields["task"], fields["batch"]]  # the path and device it ran on
-                    found.append({"engine": engine, "path": path, **fields, "seconds": seconds,
-                                  "timm_seconds": timm_seconds, "chosen_path": chosen["chosen_path"],
-                                  "device": chosen["device"]})  # fmt: skip
-                    paired[name].append(timm_seconds)
-                rows.extend(found)
-            except RuntimeError as error:
-                fail(engine, path, "keras", error)
-            finally:
-                worker.close()
-            save(complete=False)
-        for name, medians in paired.items():  # timm alone where no engine ran
-            if not medians:
-                medians = [timm.time(name) for _ in range(job["warmup"] + job["runs"])][job["warmup"] :]
-            rows.append({"engine": "timm", "path": "-", **_task_fields(name), "seconds": _median(medians)})
-    except RuntimeError as error:
-        fail("timm", "-", "timm", error)
-    finally:
-        timm.close()
-    save(complete=False)
-
-
 def _with_ratios(rows, size=None, gemm_flops_per_s=None):
     """Adds images/s and, for time rows, speed vs timm (>1 = faster) and the share of the fp32 ceiling
     (`size`: the timed rows' image side); memory rows get the ratio of bytes."""
@@ -592,8 +435,7 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
         base = reference.get((row["task"], row["variant"], row["batch"]))
         if "seconds" in row:
             row["images_per_s"] = row["batch"] / row["seconds"]
-            timm_seconds = row.get("timm_seconds", base["seconds"] if base else None)  # paired calls where timed so
-            row["vs_timm"] = timm_seconds / row["seconds"] if timm_seconds else None
+            row["vs_timm"] = base["seconds"] / row["seconds"] if base else None
             if gemm_flops_per_s and row["task"] not in FIRST_CALLS:
                 flops = 2 * count_macs(row["variant"], size) * (3 if row["task"] == "train_step" else 1)
                 row["of_fp32_ceiling"] = row["images_per_s"] * flops / gemm_flops_per_s

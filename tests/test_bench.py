@@ -10,7 +10,6 @@ import json
 from conftest import run_cli
 import pytest
 
-from keras_sequencer import bench
 from keras_sequencer.analysis import count_macs
 
 BACKEND = "torch"  # the fastest worker to start; the command spawns its own processes whatever runs pytest
@@ -60,12 +59,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
             assert f"| {row['seconds']:.1f} s | {row['vs_timm']:.2f}x | - |" in result.stdout
         else:
             assert abs(row["images_per_s"] - row["batch"] / row["seconds"]) < 1e-9
-            # A Keras row is set against the timm calls alternated with its own; with one engine, timm's row
-            # (the median of the engines' paired medians) is that same figure.
-            paired = timm[(row["task"], row["batch"])]["seconds"]
-            if row["engine"] != "timm":
-                assert row["timm_seconds"] == paired
-            assert abs(row["vs_timm"] - paired / row["seconds"]) < 1e-9
+            assert abs(row["vs_timm"] - timm[(row["task"], row["batch"])]["seconds"] / row["seconds"]) < 1e-9
             flops = 2 * count_macs("s", 28) * (3 if row["task"] == "train_step" else 1)
             assert abs(row["of_fp32_ceiling"] - row["images_per_s"] * flops / gemm["flops_per_s"]) < 1e-9
             assert f"| {row['vs_timm']:.2f}x | {row['of_fp32_ceiling']:.0%} |" in result.stdout
@@ -124,22 +118,3 @@ def test_bench_input_refuses_non_positive_counts():
     result = run_cli("bench-input", "--threads", "0")
     assert result.returncode == 2 and "argument --threads: must be an integer >= 1, not '0'" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-@pytest.mark.backend_agnostic
-def test_engines_are_timed_in_alternation_with_timm_call_by_call():
-    """`_alternate` calls timm and the engine in turn, each warm-up pair untimed, and returns the medians of the
-    calls each made in the same window (the figures the table's ratio divides)."""
-    calls = []
-
-    class Worker:
-        def __init__(self, name, seconds):
-            self.name, self.seconds = name, iter(seconds)
-
-        def time(self, task):
-            calls.append((self.name, task))
-            return next(self.seconds)
-
-    timm, engine = Worker("timm", [9.0, 1.0, 3.0, 2.0]), Worker("keras", [9.0, 4.0, 6.0, 5.0])
-    assert bench._alternate(timm, engine, "s|inference|1", runs=3, warmup=1) == (5.0, 2.0)
-    assert calls == [("timm", "s|inference|1"), ("keras", "s|inference|1")] * 4
