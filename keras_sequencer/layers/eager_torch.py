@@ -8,11 +8,11 @@ idle, and the next matmul pays for waking them (a 0.4 ms matmul took
 ~70 us longer right after a layer call; `benchmarks/README.md`). Without
 autograd:
 
-- `Sequencer2DBlock` (in float32 and under `"mixed_bfloat16"`) and
-  `PatchEmbed` (in float32) call torch's own functions on their variables,
-  the functions Keras' layers call (`runs_torch_functions`); in bfloat16
-  the weights' 16-bit copies, which Keras' autocasting makes on every
-  call, are kept (`values_as`);
+- `Sequencer2DBlock` and `PatchEmbed` call torch's own functions on their
+  variables, the functions Keras' layers call, in float32 and under
+  `"mixed_bfloat16"` (`runs_torch_functions`); in bfloat16 the weights'
+  16-bit copies, which Keras' autocasting makes on every call, are kept
+  (`values_as`);
 - float32 Sequencer2D models run the layers of their chain by each layer's
   `call` (`layer_chain`, `call_chain`): for those layers in float32 without
   hooks, what `Layer.__call__` adds to `call` has nothing to do there.

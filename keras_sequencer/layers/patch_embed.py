@@ -60,8 +60,7 @@ class PatchEmbed(keras.layers.Layer):
 
     def call(self, inputs):
         self._check_size(inputs.shape)
-        # float32 only: in bfloat16 the channels-last convolution rounds differently from Keras' one.
-        if eager_torch.runs_torch_functions(inputs, (self, self.proj), dtypes=("float32",)):
+        if eager_torch.runs_torch_functions(inputs, (self, self.proj)):
             return self._torch_inference(inputs)
         return self.proj(inputs)
 
@@ -75,10 +74,12 @@ class PatchEmbed(keras.layers.Layer):
         import torch
         from torch.nn import functional
 
-        kernel = self.proj.kernel.value.permute(3, 2, 0, 1)  # (h, w, in, out) -> (out, in, h, w)
-        bias = self.proj.bias.value if self.proj.use_bias else None
+        names = ("kernel", "bias") if self.proj.use_bias else ("kernel",)
+        kernel, *bias = eager_torch.values_as(self.proj, names, x.dtype)  # bfloat16: kept copies
+        kernel = kernel.permute(3, 2, 0, 1)  # (h, w, in, out) -> (out, in, h, w)
         x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # a copy only if x is not contiguous
-        return functional.conv2d(x, kernel, bias, stride=self.patch_size).permute(0, 2, 3, 1)
+        out = functional.conv2d(x, kernel, stride=self.patch_size).permute(0, 2, 3, 1)
+        return out.add_(bias[0]) if bias else out  # the bias added apart, as Keras does (bfloat16 rounds twice)
 
     def compute_output_shape(self, input_shape):
         self._check_size(input_shape)

@@ -196,21 +196,24 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
 
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace the model once")
 def test_torch_bfloat16_inference_runs_the_blocks_directly_to_the_same_bit(monkeypatch):
-    """Under "mixed_bfloat16" the blocks of a Sequencer2D on PyTorch run torch's functions without autograd while
-    the model keeps Keras' calls for its other layers: `predict_on_batch` gives the Keras calls' output to the
-    bit."""
-    from keras_sequencer.layers import Sequencer2DBlock
+    """Under "mixed_bfloat16" the blocks and patch embeddings of a Sequencer2D on PyTorch run torch's functions
+    without autograd while the model keeps Keras' calls for its other layers: `predict_on_batch` gives the
+    Keras calls' output to the bit."""
+    from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock
 
     direct = []
-    real = Sequencer2DBlock._torch_inference
-    monkeypatch.setattr(Sequencer2DBlock, "_torch_inference", lambda self, x: direct.append(1) or real(self, x))
+    for kind in (Sequencer2DBlock, PatchEmbed):
+        real = kind._torch_inference
+        monkeypatch.setattr(kind, "_torch_inference",
+                            lambda self, x, real=real: direct.append(type(self).__name__) or real(self, x))  # fmt: skip
     with global_dtype_policy("mixed_bfloat16"):
         model = tiny_model(include_preprocessing=True, classifier_activation="softmax")
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 40, 3)).astype("uint8")
     expected = to_numpy(model(images.astype("float32")))  # autograd on: Keras' calls
     assert direct == []
     np.testing.assert_array_equal(model.predict_on_batch(images), expected)
-    assert len(direct) == sum(TINY["layers"])
+    assert direct.count("Sequencer2DBlock") == sum(TINY["layers"])
+    assert direct.count("PatchEmbed") == len(TINY["layers"])
 
 
 def test_config_round_trip_rebuilds_the_same_graph():
