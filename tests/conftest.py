@@ -117,25 +117,23 @@ def timm_logits(variant: str, images_nhwc: np.ndarray, **kwargs) -> np.ndarray:
 
 
 @contextlib.contextmanager
+def _global_setting(read, write, value):
+    previous = read()
+    write(value)
+    try:
+        yield
+    finally:
+        write(previous)
+
+
 def global_dtype_policy(name: str):
     """Keras' global dtype policy set to `name` inside the block, restored after it."""
-    previous = keras.config.dtype_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    return _global_setting(keras.config.dtype_policy, keras.mixed_precision.set_global_policy, name)
 
 
-@contextlib.contextmanager
 def global_image_data_format(name: str):
     """Keras' global `image_data_format` set to `name` inside the block, restored after it."""
-    previous = keras.config.image_data_format()
-    keras.config.set_image_data_format(name)
-    try:
-        yield
-    finally:
-        keras.config.set_image_data_format(previous)
+    return _global_setting(keras.config.image_data_format, keras.config.set_image_data_format, name)
 
 
 def authors_layout(state_dict: dict, layers) -> dict:

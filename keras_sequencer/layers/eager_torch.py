@@ -73,12 +73,12 @@ def plain(layer, compute_dtype="float32") -> bool:
     )
 
 
-def runs_torch_functions(x, layers, dtypes=DIRECT_DTYPES) -> bool:
+def runs_torch_functions(x, layers) -> bool:
     """Whether a layer may compute `x` with torch's functions on the variables of `layers` (itself and the
-    sublayers it would call): `eager_inference(x)` for one of `dtypes`, every layer `plain` in
+    sublayers it would call): `eager_inference(x)` for one of `DIRECT_DTYPES`, every layer `plain` in
     `x`'s dtype; `Dense` and `Conv2D` ones exactly those classes, without activation or LoRA;
     `LayerNormalization` exactly that, centred and scaled, without RMS scaling."""
-    if not eager_inference(x, dtypes):
+    if not eager_inference(x, DIRECT_DTYPES):
         return False
     dtype = keras.backend.standardize_dtype(x.dtype)
     dense, norm = (keras.layers.Dense, keras.layers.Conv2D), keras.layers.LayerNormalization
@@ -130,10 +130,10 @@ def kept(owner, key, sources, make):
 
 
 def values_as(layer, names, dtype):
-    """The stored values of `layer`'s variables `names` in torch dtype `dtype`: the tensors themselves where
-    they have it, else copies kept by `kept` (the cast Keras' autocasting makes on every call)."""
-    with stored_values():
-        sources = tuple(getattr(layer, name).value for name in names)
+    """The values of `layer`'s variables `names` in torch dtype `dtype`, read inside `stored_values`: the
+    tensors themselves where they have it, else copies kept by `kept` (the cast Keras' autocasting makes on
+    every call)."""
+    sources = tuple(getattr(layer, name).value for name in names)
     if all(t.dtype == dtype for t in sources):
         return sources
     return kept(layer, dtype, sources, lambda *tensors: tuple(t.to(dtype) for t in tensors))

@@ -75,7 +75,8 @@ class PatchEmbed(keras.layers.Layer):
         from torch.nn import functional
 
         names = ("kernel", "bias") if self.proj.use_bias else ("kernel",)
-        kernel, *bias = eager_torch.values_as(self.proj, names, x.dtype)  # bfloat16: kept copies
+        with eager_torch.stored_values():
+            kernel, *bias = eager_torch.values_as(self.proj, names, x.dtype)  # bfloat16: kept copies
         kernel = kernel.permute(3, 2, 0, 1)  # (h, w, in, out) -> (out, in, h, w)
         x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # a copy only if x is not contiguous
         out = functional.conv2d(x, kernel, stride=self.patch_size).permute(0, 2, 3, 1)

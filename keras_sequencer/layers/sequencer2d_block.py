@@ -225,11 +225,11 @@ class Sequencer2DBlock(keras.layers.Layer):
             return x.matmul(kernel).add_(bias)
 
         rnn = self.rnn_tokens
-        with eager_torch.stored_values():  # the LSTM cells' weights: cast once and kept by `mix`
+        with eager_torch.stored_values():  # every weight as stored; `mix` keeps the LSTM cells' casts too
             mixed = token_mixing.mix(rnn, norm(self.norm1, x), training=False)
-        x = dense(rnn.fc, mixed).add_(x) if rnn.fc is not None else x + mixed
-        hidden = torch.ops.aten.gelu_(dense(self.fc1, norm(self.norm2, x)))
-        return dense(self.fc2, hidden).add_(x)
+            x = dense(rnn.fc, mixed).add_(x) if rnn.fc is not None else x + mixed
+            hidden = torch.ops.aten.gelu_(dense(self.fc1, norm(self.norm2, x)))
+            return dense(self.fc2, hidden).add_(x)
 
     def compute_output_shape(self, input_shape):
         return input_shape
