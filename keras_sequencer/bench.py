@@ -384,6 +384,8 @@ def run(
             save(complete=False)
         return found
 
+    for name, value in timing_environment().items():
+        log(f"{name}={value} (every engine's process inherits it)")
     log(f"fp32 matmul rate (torch, {gemm_size}²) ...")
     gemm = _spawn("gemm", {"gemm_size": gemm_size}, backend="torch")
     on_gpu = gemm["device"] != "cpu"
@@ -502,4 +504,15 @@ def _machine() -> dict:
         except md.PackageNotFoundError:
             pass
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "versions": versions}  # fmt: skip
+            "python": platform.python_version(), "versions": versions, "environment": timing_environment()}  # fmt: skip
+
+
+# Environment variables that move the timings (glibc's allocator, XLA, thread counts, preloaded libraries).
+# Every engine's process inherits them, so one run compares the engines under the same settings.
+TIMING_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "OMP_NUM_THREADS", "TF_ENABLE_ONEDNN_OPTS",
+                    "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")  # fmt: skip
+
+
+def timing_environment() -> dict:
+    """The `TIMING_VARIABLES` set in this process (bench.json records them beside the machine)."""
+    return {name: os.environ[name] for name in TIMING_VARIABLES if name in os.environ}

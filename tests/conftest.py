@@ -197,9 +197,9 @@ def run_subprocess(args, backend: str = BACKEND, env: dict | None = None, timeou
     )
 
 
-def run_cli(*args, backend: str = BACKEND, timeout: int = 900):
-    """`python -m keras_sequencer ARGS` in a fresh process; returns the CompletedProcess."""
-    return run_subprocess(["-m", "keras_sequencer", *args], backend=backend, timeout=timeout)
+def run_cli(*args, backend: str = BACKEND, env: dict | None = None, timeout: int = 900):
+    """`python -m keras_sequencer ARGS` in a fresh process (with `env` added); returns the CompletedProcess."""
+    return run_subprocess(["-m", "keras_sequencer", *args], backend=backend, env=env, timeout=timeout)
 
 
 def run_python(code: str, backend: str = BACKEND, env: dict | None = None, timeout: int = 600) -> str:

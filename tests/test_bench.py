@@ -70,10 +70,12 @@ def test_bench_writes_table_json_and_png(tmp_path):
 @pytest.mark.backend_agnostic
 def test_bench_reports_a_failing_engine_and_keeps_the_others(tmp_path):
     """An engine that cannot run (the PyTorch-only path asked of JAX) is named with its error and makes the
-    command fail; the engines after it still run, and bench.json holds their rows."""
+    command fail; the engines after it still run, and bench.json holds their rows. An allocator setting in the
+    environment, which moves every engine's timings, is printed and recorded with the machine."""
     result = run_cli(
         "bench", "--backends", "jax", "torch", "--paths", "torch", "--batch-sizes", "1", "--size", "28", "--runs",
         "1", "--warmup", "0", "--gemm-size", "64", "--no-train", "--no-memory", "--no-tflite", "--output", tmp_path,
+        env={"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000000"},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert "keras-jax (torch) failed:" in result.stdout and "needs the PyTorch backend" in result.stdout
@@ -84,6 +86,8 @@ def test_bench_reports_a_failing_engine_and_keeps_the_others(tmp_path):
         (engine, path, task) for engine, path in (("timm", "-"), ("keras-torch", "torch"))
         for task in ("inference", "first_inference")}  # fmt: skip
     assert "1 engine(s) failed" in result.stderr
+    assert found["machine"]["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1000000000"
+    assert "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1000000000 (every engine's process inherits it)" in result.stdout
 
 
 @pytest.mark.backend_agnostic
