@@ -166,7 +166,8 @@ def _bench(args) -> int:
     result = run(variants=args.variants, backends=args.backends, paths=args.paths, batch_sizes=args.batch_sizes,
                  size=args.size, runs=args.runs, warmup=args.warmup, train=not args.no_train,
                  memory=not args.no_memory, memory_size=args.memory_size, tflite=not args.no_tflite,
-                 gemm_size=args.gemm_size, dtype_policy=args.dtype_policy, output=args.output)  # fmt: skip
+                 gemm_size=args.gemm_size, dtype_policy=args.dtype_policy, timm_between=not args.timm_once,
+                 output=args.output)  # fmt: skip
     print(f"wrote {args.output}/bench.json, bench.md, bench.png")
     if result["failures"]:
         print(f"error: {len(result['failures'])} engine(s) failed (above; their errors are in bench.json)",
@@ -332,6 +333,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-tflite", action="store_true")
+    p.add_argument("--timm-once", action="store_true",
+                   help="time timm once, first (default: again after every engine, each engine's ratios to the "
+                        "timm runs before and after it)")  # fmt: skip
     p.add_argument("--output", default="benchmarks/results")
     p.set_defaults(run=_bench)
 

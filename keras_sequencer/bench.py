@@ -36,6 +36,11 @@ the ceiling's matmul has TF32 off (PyTorch's default for matmuls), while cuDNN's
 the torch path) and JAX's default matmul precision allow TF32, so float32 rows can pass 100 % of the ceiling.
 The `path` column shows, for `"auto"`, which path it chose for that task on that machine.
 
+Processes on a shared CPU drift apart over minutes, so timm is timed again after every engine and each
+engine's ratio is to the mean of the timm runs just before and after it (`timm_between`; the timm rows,
+one per run, show the drift). Timing each engine call by call against a timm process kept up was worse:
+the two processes slow each other through memory (docs/design.md).
+
 The result: a table with images/s, the ratio to timm (same machine, same
 run) and the share of the ceiling, a JSON file with every number and the
 versions, and a PNG chart.
@@ -343,11 +348,17 @@ def run(
     tflite=True,
     gemm_size=2048,
     dtype_policy="float32",
+    timm_between=True,
     output="benchmarks/results",
     log=print,
 ) -> dict:
     """Runs the benchmark; returns `{"rows", "failures", "complete", "machine", "settings"}` (what bench.json
-    holds) and writes JSON, PNG and a table."""
+    holds) and writes JSON, PNG and a table.
+
+    `timm_between`: timm is timed again after every engine, and each engine's ratios are to the mean of the
+    timm runs just before and after it (rows `timm_runs`), so a machine that drifts over minutes moves both
+    sides of a ratio; the timm rows show that drift against the mean of all timm runs. Otherwise timm runs
+    once, first. Peak memory does not drift: timm's is measured once."""
     if gemm_size < 64:
         raise ValueError(f"`gemm_size` must be at least 64 (2048 measures the rate). Received: gemm_size={gemm_size}")
     if dtype_policy not in DTYPE_POLICIES:
@@ -355,7 +366,7 @@ def run(
     backends = [b for b in (backends or BACKENDS) if _installed(b)]
     job = {"variants": list(variants), "batch_sizes": list(batch_sizes), "size": size, "runs": runs,
            "warmup": warmup, "train": train, "memory": False, "memory_size": memory_size,
-           "dtype_policy": dtype_policy}  # fmt: skip
+           "dtype_policy": dtype_policy, "timm_between": timm_between}  # fmt: skip
     rows, failures = [], []
     os.makedirs(output, exist_ok=True)
 
@@ -368,9 +379,9 @@ def run(
         os.replace(path + ".partial", path)  # a run killed while writing keeps the previous file whole
         return result
 
-    def measure(engine, path, kind, worker_job, backend, timings=True):
-        """Runs one engine's worker and keeps its rows (`timings`); a failing engine is reported, and the
-        others still run."""
+    def measure(engine, path, kind, worker_job, backend, timings=True, **fields):
+        """Runs one engine's worker and keeps its rows (`timings`, with `fields` added); a failing engine is
+        reported, and the others still run."""
         try:
             found = _spawn(kind, worker_job, backend=backend)
         except RuntimeError as error:
@@ -380,7 +391,7 @@ def run(
             save(complete=False)
             return None
         if timings:
-            rows.extend({"engine": engine, "path": path, **row} for row in found)
+            rows.extend({"engine": engine, "path": path, **row, **fields} for row in found)
             save(complete=False)
         return found
 
@@ -394,17 +405,28 @@ def run(
                          "'mixed_bfloat16' (or 'float32').")  # fmt: skip
     if on_gpu:
         log(f"on {gemm['device']}: timm runs on the GPU, Keras where its backend puts it (column `device`)")
-    log("timm (PyTorch) ...")
-    measure("timm", "-", "timm", job, "torch")
+    timm_runs = []  # one entry per timm run; each engine's rows name the runs its ratios use
+
+    def time_timm():
+        log(f"timm (PyTorch){f', run {len(timm_runs) + 1}' if timm_between else ''} ...")
+        measure("timm", "-", "timm", job, "torch", timm_run=len(timm_runs))
+        timm_runs.append(len(timm_runs))
+
+    def neighbours():  # the timm run before this engine, and the one after it when timm runs between
+        return [timm_runs[-1], timm_runs[-1] + 1] if timm_between else [0]
+
+    time_timm()
     for backend in backends:
         for path in paths:
             log(f"keras on {backend}, implementation={path} ...")
-            measure(f"keras-{backend}", path, "keras", {**job, "path": path}, backend)
+            measure(f"keras-{backend}", path, "keras", {**job, "path": path}, backend, timm_runs=neighbours())
+            if timm_between:
+                time_timm()
     if memory and on_gpu:
         log("peak memory skipped: it is measured as host RSS, which says nothing of GPU memory")
     elif memory:
         log(f"peak memory at {memory_size}x{memory_size} ...")
-        measure("timm", "-", "timm", {**job, "memory": True}, "torch")
+        measure("timm", "-", "timm", {**job, "memory": True}, "torch", timm_run=0)  # memory does not drift
         for backend in backends:
             for path in paths:
                 measure(f"keras-{backend}", path, "keras", {**job, "memory": True, "path": path}, backend)
@@ -415,7 +437,10 @@ def run(
         with tempfile.TemporaryDirectory() as folder:
             files = measure("tflite", "auto", "tflite_export", {**job, "folder": folder}, "tensorflow", False)
             if files is not None:
-                measure("tflite", "auto", "tflite_time", {**job, "files": files}, "tensorflow")
+                measure("tflite", "auto", "tflite_time", {**job, "files": files}, "tensorflow",
+                        timm_runs=neighbours())  # fmt: skip
+                if timm_between:
+                    time_timm()
     result = save(complete=True)
     table = format_table(result["rows"], dtype_policy)
     with open(os.path.join(output, "bench.md"), "w") as f:
@@ -432,12 +457,20 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
     (`size`: the timed rows' image side); memory rows get the ratio of bytes."""
     from keras_sequencer.analysis import count_macs
 
-    reference = {(r["task"], r["variant"], r["batch"]): r for r in rows if r["engine"] == "timm"}
+    reference = {}  # (task, variant, batch) -> {timm run: timm's row}
+    for r in rows:
+        if r["engine"] == "timm":
+            reference.setdefault((r["task"], r["variant"], r["batch"]), {})[r.get("timm_run", 0)] = r
     for row in rows:
-        base = reference.get((row["task"], row["variant"], row["batch"]))
+        runs = reference.get((row["task"], row["variant"], row["batch"]), {})
+        # timm's own rows against the mean of all its runs (1.00x when it ran once); an engine against the
+        # runs it names (`timm_runs`: the ones before and after it), else every run
+        named = runs if row["engine"] == "timm" else {k: runs[k] for k in row.get("timm_runs", runs) if k in runs}
+        base = named[min(named)] if named else None  # memory: timm's one measurement
         if "seconds" in row:
             row["images_per_s"] = row["batch"] / row["seconds"]
-            row["vs_timm"] = base["seconds"] / row["seconds"] if base else None
+            timm_seconds = sum(r["seconds"] for r in named.values()) / len(named) if named else None
+            row["vs_timm"] = timm_seconds / row["seconds"] if named else None
             if gemm_flops_per_s and row["task"] not in FIRST_CALLS:
                 flops = 2 * count_macs(row["variant"], size) * (3 if row["task"] == "train_step" else 1)
                 row["of_fp32_ceiling"] = row["images_per_s"] * flops / gemm_flops_per_s
@@ -451,8 +484,12 @@ def format_table(rows, dtype_policy="float32") -> str:
     lines = [f"dtype policy {dtype_policy} (timm: torch.autocast, {autocast})\n"] if autocast else []
     lines += ["| task | variant | batch | engine | path | images/s, s or peak MiB | vs timm | of fp32 ceiling |",
              "|---" * 8 + "|"]  # fmt: skip
+    timm_runs = {}  # task -> the timm runs that measured it
+    for row in rows:
+        if row["engine"] == "timm":
+            timm_runs.setdefault(row["task"], set()).add(row.get("timm_run", 0))
     for row in sorted(rows, key=lambda r: (r["task"], r["variant"], r["batch"], r["engine"] != "timm", r["engine"],
-                                           r["path"])):  # fmt: skip
+                                           r["path"], r.get("timm_run", 0))):  # fmt: skip
         ratio = "-" if row["vs_timm"] is None else f"{row['vs_timm']:.2f}x"
         ceiling = f"{row['of_fp32_ceiling']:.0%}" if row.get("of_fp32_ceiling") is not None else "-"
         if row["task"].startswith("memory"):
@@ -464,6 +501,8 @@ def format_table(rows, dtype_policy="float32") -> str:
             value = f"{row['images_per_s']:.2f}"
         chosen = row.get("chosen_path", row["path"])
         path = row["path"] if chosen == row["path"] else f"{row['path']} ({chosen})"
+        if row["engine"] == "timm" and len(timm_runs.get(row["task"], ())) > 1:
+            path = f"run {row['timm_run'] + 1}"
         lines.append(f"| {row['task']} | {row['variant'].upper()} | {row['batch']} | {row['engine']} | "
                      f"{path} | {value} | {ratio} | {ceiling} |")  # fmt: skip
     return "\n".join(lines)
