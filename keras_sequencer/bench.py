@@ -405,15 +405,16 @@ def run(
                          "'mixed_bfloat16' (or 'float32').")  # fmt: skip
     if on_gpu:
         log(f"on {gemm['device']}: timm runs on the GPU, Keras where its backend puts it (column `device`)")
-    timm_runs = []  # one entry per timm run; each engine's rows name the runs its ratios use
+    timm_done = 0  # timm runs so far; each engine's rows name the runs its ratios use
 
     def time_timm():
-        log(f"timm (PyTorch){f', run {len(timm_runs) + 1}' if timm_between else ''} ...")
-        measure("timm", "-", "timm", job, "torch", timm_run=len(timm_runs))
-        timm_runs.append(len(timm_runs))
+        nonlocal timm_done
+        log(f"timm (PyTorch){f', run {timm_done + 1}' if timm_between else ''} ...")
+        measure("timm", "-", "timm", job, "torch", timm_run=timm_done)
+        timm_done += 1
 
     def neighbours():  # the timm run before this engine, and the one after it when timm runs between
-        return [timm_runs[-1], timm_runs[-1] + 1] if timm_between else [0]
+        return [timm_done - 1, timm_done] if timm_between else [0]
 
     time_timm()
     for backend in backends:
@@ -470,7 +471,7 @@ def _with_ratios(rows, size=None, gemm_flops_per_s=None):
         if "seconds" in row:
             row["images_per_s"] = row["batch"] / row["seconds"]
             timm_seconds = sum(r["seconds"] for r in named.values()) / len(named) if named else None
-            row["vs_timm"] = timm_seconds / row["seconds"] if named else None
+            row["vs_timm"] = None if timm_seconds is None else timm_seconds / row["seconds"]
             if gemm_flops_per_s and row["task"] not in FIRST_CALLS:
                 flops = 2 * count_macs(row["variant"], size) * (3 if row["task"] == "train_step" else 1)
                 row["of_fp32_ceiling"] = row["images_per_s"] * flops / gemm_flops_per_s
