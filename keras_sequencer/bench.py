@@ -366,13 +366,14 @@ def run(
     backends = [b for b in (backends or BACKENDS) if _installed(b)]
     job = {"variants": list(variants), "batch_sizes": list(batch_sizes), "size": size, "runs": runs,
            "warmup": warmup, "train": train, "memory": False, "memory_size": memory_size,
-           "dtype_policy": dtype_policy, "timm_between": timm_between}  # fmt: skip
+           "dtype_policy": dtype_policy}  # fmt: skip
     rows, failures = [], []
     os.makedirs(output, exist_ok=True)
 
     def save(complete):  # after every engine: a run stopped midway keeps what it measured
         result = {"rows": _with_ratios(rows, size, gemm["flops_per_s"]), "failures": failures, "complete": complete,
-                  "machine": {**_machine(), "fp32_gemm": gemm}, "settings": {**job, "paths": list(paths)}}  # fmt: skip
+                  "machine": {**_machine(), "fp32_gemm": gemm},
+                  "settings": {**job, "paths": list(paths), "timm_between": timm_between}}  # fmt: skip
         path = os.path.join(output, "bench.json")
         with open(path + ".partial", "w") as f:
             json.dump(result, f, indent=1)
