@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 
 from keras_sequencer.presets import IMAGENET_EVAL, variant_config
@@ -106,6 +107,42 @@ def _demo(args) -> int:
           f"({metrics['test_images']} images; {metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s "
           f"on {metrics['backend']}). Report: {args.output}/")  # fmt: skip
     return 0
+
+
+# glibc tunables that make a process keep the memory it frees for reuse instead of handing it back to the kernel:
+# one malloc arena, which grows with brk and so can hold any size, no separate mmap per large block, no trimming.
+# A training step's temporaries (gigabytes for S at batch 16) are then mapped and faulted in once per process,
+# not once per step (`benchmarks/README.md`, "glibc keeping the freed memory").
+KEEP_FREED_MEMORY = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
+                     ("glibc.malloc.trim_threshold", "1000000000000"))  # fmt: skip
+
+
+def tunables_keeping_freed_memory(current: str) -> str | None:
+    """`current` (a GLIBC_TUNABLES value) with the `KEEP_FREED_MEMORY` entries it lacks appended, or None when
+    it lacks none. A key the user set keeps the user's value."""
+    entries = [entry for entry in current.split(":") if entry]
+    present = {entry.split("=", 1)[0] for entry in entries}
+    missing = [f"{key}={value}" for key, value in KEEP_FREED_MEMORY if key not in present]
+    return ":".join(entries + missing) if missing else None
+
+
+def _keep_freed_memory(argv) -> None:
+    """Restarts this command (`os.execv`, same process id) with `KEEP_FREED_MEMORY` in GLIBC_TUNABLES; glibc
+    reads them only when a process starts. In the restarted process, says so and returns."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        raise ValueError(
+            "--keep-freed-memory sets glibc's malloc tunables, so it needs Linux with glibc; this Python runs on "
+            f"{platform.system()} with {platform.libc_ver()[0] or 'another C library'}. Run without it."
+        )
+    tunables = tunables_keeping_freed_memory(os.environ.get("GLIBC_TUNABLES", ""))
+    if tunables is None:
+        print(f"glibc keeps the memory this process frees (GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']})",
+              file=sys.stderr)  # fmt: skip
+        return
+    os.environ["GLIBC_TUNABLES"] = tunables
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "keras_sequencer", *map(str, argv)])
 
 
 def _train(args) -> int:
@@ -282,6 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-split", default="validation")
     p.add_argument("--mixed-precision", default=None, choices=["mixed_float16", "mixed_bfloat16"])
     p.add_argument("--devices", type=_COUNT, default=None)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="Linux with glibc: restart with GLIBC_TUNABLES set so that glibc keeps freed memory for "
+                        "reuse; faster steps on JAX and PyTorch, the process holds its peak memory")  # fmt: skip
     p.set_defaults(run=_train)
 
     p = commands.add_parser("convert", help="convert a timm / authors' checkpoint to a .weights.h5 or a preset")
@@ -385,6 +425,8 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "keep_freed_memory", False):
+            _keep_freed_memory(sys.argv[1:] if argv is None else argv)
         return args.run(args)
     except ValueError as e:  # our errors say what to do; no traceback needed
         print(f"error: {e}", file=sys.stderr)

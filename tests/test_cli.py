@@ -5,6 +5,7 @@ build are checked on every backend by the models' own tests.
 """
 
 import os
+import platform
 import zipfile
 
 from conftest import TINY, normalise, run_cli, timm_logits, timm_state_dict, tiny_model, to_numpy
@@ -138,3 +139,30 @@ def test_file_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, c
         assert main(argv) == 2, argv
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0], (argv, lines)
+
+
+@pytest.mark.skipif(
+    not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
+    reason="--keep-freed-memory sets glibc's tunables; this platform has no glibc",
+)
+def test_train_keep_freed_memory_restarts_with_the_tunables(tmp_path):
+    """The flag restarts the command with glibc's tunables added to the user's own; the restarted process reads
+    them from its environment, says so, and then runs the command (here: a clear error about the dataset)."""
+    result = run_cli("train", "--dataset", f"folder:{tmp_path}", "--keep-freed-memory",
+                     env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})  # fmt: skip
+    expected = "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold="
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"frees (GLIBC_TUNABLES={expected}" in result.stderr, result.stderr[-3000:]
+    assert f"reads {tmp_path}/train, which is not a folder" in result.stderr.splitlines()[-1], result.stderr[-3000:]
+
+
+def test_keep_freed_memory_tunables_and_platforms(monkeypatch, capsys):
+    from keras_sequencer.__main__ import main, tunables_keeping_freed_memory
+
+    added = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000"
+    assert tunables_keeping_freed_memory("glibc.malloc.arena_max=4") == f"glibc.malloc.arena_max=4:{added}"
+    assert tunables_keeping_freed_memory(f"glibc.malloc.arena_max=1:{added}") is None
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    assert main(["train", "--dataset", "fashion_mnist", "--keep-freed-memory"]) == 2
+    error = capsys.readouterr().err
+    assert "--keep-freed-memory sets glibc's malloc tunables, so it needs Linux with glibc" in error, error
