@@ -246,6 +246,19 @@ def mix_batch(images, targets, mixup_alpha: float, cutmix_alpha: float, switch_p
 # === Pipelines ===
 
 
+def as_rgb(source):
+    """`source` (a dataset of `(image, label)`) with single-channel images repeated to three channels: the
+    models take RGB, as their pretrained weights do. Other sources are returned as they are (the folder reader
+    already decodes every image to RGB)."""
+    import tensorflow as tf
+
+    shape = source.element_spec[0].shape
+    if shape.rank != 3 or shape[-1] != 1:
+        return source
+    return source.map(lambda image, label: (tf.image.grayscale_to_rgb(image), label),
+                      num_parallel_calls=tf.data.AUTOTUNE)  # fmt: skip
+
+
 def make_dataset(
     source,
     num_classes: int,

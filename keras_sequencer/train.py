@@ -379,12 +379,13 @@ def run(
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     train_source, num_classes = data.load_split(dataset, train_split, data_dir)
+    train_source = data.as_rgb(train_source)  # grayscale sources (Fashion-MNIST, MNIST-like tfds sets)
     if num_classes < 2:
         raise ValueError(
             f"The training split of {dataset} has {num_classes} class; a classifier needs at least 2 (it would "
             f"reach a loss of 0 learning nothing). Received: dataset={dataset!r}, train_split={train_split!r}"
         )
-    eval_source, _ = data.load_split(dataset, eval_split, data_dir, labels_from=train_split)
+    eval_source = data.as_rgb(data.load_split(dataset, eval_split, data_dir, labels_from=train_split)[0])
     if steps_per_epoch is None:
         count = int(train_source.cardinality())
         if count <= 0:

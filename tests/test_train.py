@@ -273,3 +273,28 @@ def test_torch_backend_says_it_trains_on_one_device():
     )
     out = run_python(code, backend="torch")
     assert out.startswith("REFUSED") and "trains on one device. Received: devices=2" in out, out
+
+
+@needs_fashion_mnist
+@pytest.mark.backend_agnostic
+def test_run_trains_on_grayscale_fashion_mnist_as_rgb(tmp_path):
+    """`run` on the single-channel `"fashion_mnist"` source: the images reach the RGB model as three equal
+    channels, and the reported validation accuracy is that of the saved model on those images."""
+    import tensorflow as tf
+
+    source, _ = data.load_split("fashion_mnist", "test")
+    gray, _ = next(iter(source.batch(4)))
+    rgb, _ = next(iter(data.as_rgb(source).batch(4)))
+    np.testing.assert_array_equal(rgb.numpy(), np.repeat(gray.numpy(), 3, axis=-1))
+    assert data.as_rgb(data.as_rgb(source)).element_spec[0].shape[-1] == 3
+
+    model, history = train.run(
+        "fashion_mnist", variant=dict(TINY), recipe="fashion_mnist", batch_size=500, epochs=1, steps_per_epoch=2,
+        image_size=28, eval_split="test", output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    images, labels = data.load_fashion_mnist()[1]
+    transform = tf.function(lambda batch: tf.map_fn(lambda image: data.eval_transform(image, 28), batch))
+    rgb = np.concatenate([transform(tf.cast(np.repeat(images[i : i + 1000], 3, -1), tf.float32)).numpy()
+                          for i in range(0, len(images), 1000)])  # fmt: skip
+    predicted = np.argmax(keras.ops.convert_to_numpy(model.predict(rgb, verbose=0)), -1)
+    assert history.history["val_accuracy"][-1] == pytest.approx(np.mean(predicted == labels), abs=1e-6)
