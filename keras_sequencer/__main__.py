@@ -118,31 +118,54 @@ KEEP_FREED_MEMORY = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", 
 
 
 def tunables_keeping_freed_memory(current: str) -> str | None:
-    """`current` (a GLIBC_TUNABLES value) with the `KEEP_FREED_MEMORY` entries it lacks appended, or None when
-    it lacks none. A key the user set keeps the user's value."""
+    """`current` (a GLIBC_TUNABLES value) with the `KEEP_FREED_MEMORY` entries set: the user's other entries kept,
+    theirs for these keys replaced. None when `current` already has them."""
     entries = [entry for entry in current.split(":") if entry]
-    present = {entry.split("=", 1)[0] for entry in entries}
-    missing = [f"{key}={value}" for key, value in KEEP_FREED_MEMORY if key not in present]
-    return ":".join(entries + missing) if missing else None
+    ours = [f"{key}={value}" for key, value in KEEP_FREED_MEMORY]
+    if all(entry in entries for entry in ours):
+        return None
+    keys = {key for key, _ in KEEP_FREED_MEMORY}
+    return ":".join([entry for entry in entries if entry.split("=", 1)[0] not in keys] + ours)
+
+
+# Set in the environment of the restarted process, so that it never restarts again.
+_RESTARTED = "KERAS_SEQUENCER_KEPT_FREED_MEMORY"
 
 
 def _keep_freed_memory(argv) -> None:
-    """Restarts this command (`os.execv`, same process id) with `KEEP_FREED_MEMORY` in GLIBC_TUNABLES; glibc
-    reads them only when a process starts. In the restarted process, says so and returns."""
+    """Restarts this command line (`os.execv`: same process id, same interpreter options) with
+    `KEEP_FREED_MEMORY` in GLIBC_TUNABLES; glibc reads them only when a process starts. In the restarted
+    process, says so and returns."""
+    if argv is not None:
+        raise ValueError(
+            "--keep-freed-memory restarts the process, so it is for the command line only: run "
+            "`python -m keras_sequencer train ... --keep-freed-memory`, or start Python with GLIBC_TUNABLES set."
+        )
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         raise ValueError(
             "--keep-freed-memory sets glibc's malloc tunables, so it needs Linux with glibc; this Python runs on "
             f"{platform.system()} with {platform.libc_ver()[0] or 'another C library'}. Run without it."
         )
-    tunables = tunables_keeping_freed_memory(os.environ.get("GLIBC_TUNABLES", ""))
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    tunables = tunables_keeping_freed_memory(current)
     if tunables is None:
-        print(f"glibc keeps the memory this process frees (GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']})",
-              file=sys.stderr)  # fmt: skip
+        print(f"glibc keeps the memory this process frees (GLIBC_TUNABLES={current})", file=sys.stderr)
         return
-    os.environ["GLIBC_TUNABLES"] = tunables
+    if os.environ.get(_RESTARTED):
+        raise ValueError(
+            "--keep-freed-memory restarted the process with GLIBC_TUNABLES set, but the restarted process did "
+            f"not receive them (GLIBC_TUNABLES={current!r}; glibc drops them for privileged executables). "
+            "Run without the flag."
+        )
+    if current:
+        print(f"--keep-freed-memory: GLIBC_TUNABLES={current} becomes {tunables}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "keras_sequencer", *map(str, argv)])
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+                  {**os.environ, "GLIBC_TUNABLES": tunables, _RESTARTED: "1"})  # fmt: skip
+    except OSError as e:
+        raise ValueError(f"--keep-freed-memory could not restart {sys.executable}: {e}. Run without it.") from e
 
 
 def _train(args) -> int:
@@ -230,7 +253,10 @@ def _eval_resolution(args) -> int:
     source, _ = data.load_split(args.dataset, args.split, args.data_dir)
     if args.limit:
         source = source.take(args.limit)
-    result = evaluate_resolutions(_research_model(args), source, args.resolutions, crop_pct=args.crop_pct,
+    model = _research_model(args)
+    if model.input_shape[-1] == 3:
+        source = data.as_rgb(source)
+    result = evaluate_resolutions(model, source, args.resolutions, crop_pct=args.crop_pct,
                                   batch_size=args.batch_size)  # fmt: skip
     os.makedirs(args.output, exist_ok=True)
     plot_resolution_curve(result, os.path.join(args.output, "resolution.png"), trained_at=args.trained_at)
@@ -321,7 +347,7 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=_COUNT, default=None)
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="Linux with glibc: restart with GLIBC_TUNABLES set so that glibc keeps freed memory for "
-                        "reuse; faster steps on JAX and PyTorch, the process holds its peak memory")  # fmt: skip
+                        "reuse (faster steps on JAX and PyTorch; the process holds its peak memory)")  # fmt: skip
     p.set_defaults(run=_train)
 
     p = commands.add_parser("convert", help="convert a timm / authors' checkpoint to a .weights.h5 or a preset")
@@ -426,7 +452,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "keep_freed_memory", False):
-            _keep_freed_memory(sys.argv[1:] if argv is None else argv)
+            _keep_freed_memory(argv)
         return args.run(args)
     except ValueError as e:  # our errors say what to do; no traceback needed
         print(f"error: {e}", file=sys.stderr)

@@ -152,17 +152,29 @@ def test_train_keep_freed_memory_restarts_with_the_tunables(tmp_path):
                      env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})  # fmt: skip
     expected = "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold="
     assert result.returncode == 2, result.stderr[-3000:]
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 becomes" in result.stderr, result.stderr[-3000:]
     assert f"frees (GLIBC_TUNABLES={expected}" in result.stderr, result.stderr[-3000:]
     assert f"reads {tmp_path}/train, which is not a folder" in result.stderr.splitlines()[-1], result.stderr[-3000:]
 
 
-def test_keep_freed_memory_tunables_and_platforms(monkeypatch, capsys):
+def test_keep_freed_memory_tunables_and_refusals(monkeypatch, capsys):
+    """Our three entries replace the user's values for those keys and keep the rest; the flag refuses to restart
+    a process it was called from Python in, and on a platform without glibc (nothing restarts either time)."""
+    import sys
+
     from keras_sequencer.__main__ import main, tunables_keeping_freed_memory
 
-    added = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000"
-    assert tunables_keeping_freed_memory("glibc.malloc.arena_max=4") == f"glibc.malloc.arena_max=4:{added}"
-    assert tunables_keeping_freed_memory(f"glibc.malloc.arena_max=1:{added}") is None
+    ours = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000"
+    assert tunables_keeping_freed_memory("glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1") == (
+        f"glibc.malloc.hugetlb=1:{ours}"
+    )
+    assert tunables_keeping_freed_memory(f"glibc.malloc.hugetlb=1:{ours}") is None
+    monkeypatch.setattr(os, "execve", lambda *args: pytest.fail(f"restarted: {args}"))
+    argv = ["train", "--dataset", "fashion_mnist", "--keep-freed-memory"]
+    assert main(argv) == 2
+    assert "--keep-freed-memory restarts the process, so it is for the command line only" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["keras_sequencer", *argv])
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
-    assert main(["train", "--dataset", "fashion_mnist", "--keep-freed-memory"]) == 2
+    assert main() == 2
     error = capsys.readouterr().err
     assert "--keep-freed-memory sets glibc's malloc tunables, so it needs Linux with glibc" in error, error

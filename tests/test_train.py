@@ -296,5 +296,6 @@ def test_run_trains_on_grayscale_fashion_mnist_as_rgb(tmp_path):
     transform = tf.function(lambda batch: tf.map_fn(lambda image: data.eval_transform(image, 28), batch))
     rgb = np.concatenate([transform(tf.cast(np.repeat(images[i : i + 1000], 3, -1), tf.float32)).numpy()
                           for i in range(0, len(images), 1000)])  # fmt: skip
-    predicted = np.argmax(keras.ops.convert_to_numpy(model.predict(rgb, verbose=0)), -1)
-    assert history.history["val_accuracy"][-1] == pytest.approx(np.mean(predicted == labels), abs=1e-6)
+    predicted = np.argmax(keras.ops.convert_to_numpy(model.predict(rgb, batch_size=500, verbose=0)), -1)
+    # two of 10,000 images may round to another class than in the pipeline's batches
+    assert history.history["val_accuracy"][-1] == pytest.approx(np.mean(predicted == labels), abs=2e-4)
