@@ -30,6 +30,7 @@ def load_datasets(dataset: str, image_size: int, batch_size: int, data_dir=None)
     else:
         train_src, num_classes = data.load_split(dataset, "train[:90%]", data_dir)
         val_src, _ = data.load_split(dataset, "train[90%:]", data_dir)
+    train_src, val_src = data.as_rgb(train_src), data.as_rgb(val_src)  # the backbone takes RGB
     # Light augmentation for transfer (the ImageNet recipe's mixing is for training from scratch).
     augment = data.Augment(scale=(0.35, 1.0), rand_augment=0.0, erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
     train = data.make_dataset(train_src, num_classes, batch_size, True, image_size, augment, seed=0)

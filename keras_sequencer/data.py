@@ -247,16 +247,22 @@ def mix_batch(images, targets, mixup_alpha: float, cutmix_alpha: float, switch_p
 
 
 def as_rgb(source):
-    """`source` (a dataset of `(image, label)`) with single-channel images repeated to three channels: the
-    models take RGB, as their pretrained weights do. Other sources are returned as they are (the folder reader
-    already decodes every image to RGB)."""
+    """`source` (a dataset of `(image, label)`, images channels-last) with RGB images, as the models and their
+    pretrained weights take: one channel repeated to three, gray-and-alpha's gray repeated, RGBA's alpha
+    dropped (decided per image where the channel count is unknown). Three-channel sources are returned as
+    they are (the folder reader already decodes every image to RGB)."""
     import tensorflow as tf
 
-    shape = source.element_spec[0].shape
-    if shape.rank != 3 or shape[-1] != 1:
+    channels = source.element_spec[0].shape[-1] if source.element_spec[0].shape.rank else None
+    if channels not in (None, 1, 2, 4):
         return source
-    return source.map(lambda image, label: (tf.image.grayscale_to_rgb(image), label),
-                      num_parallel_calls=tf.data.AUTOTUNE)  # fmt: skip
+
+    def rgb(image, label):
+        image = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.image.grayscale_to_rgb(image[..., :1]),
+                        lambda: image[..., :3])  # fmt: skip
+        return tf.ensure_shape(image, [None, None, 3]), label
+
+    return source.map(rgb, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_dataset(

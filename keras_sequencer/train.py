@@ -379,7 +379,6 @@ def run(
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     train_source, num_classes = data.load_split(dataset, train_split, data_dir)
-    train_source = data.as_rgb(train_source)  # grayscale sources (Fashion-MNIST, MNIST-like tfds sets)
     if num_classes < 2:
         raise ValueError(
             f"The training split of {dataset} has {num_classes} class; a classifier needs at least 2 (it would "
@@ -402,6 +401,7 @@ def run(
     with distribution_scope(devices, auto_shard_dataset=False):
         # Each process decodes and augments only its share of the data (a different seed per process).
         shard, local_batch = distributed.local_share(train_source, batch_size)
+        shard = data.as_rgb(shard)  # grayscale sources (Fashion-MNIST, MNIST-like tfds sets)
         seed_here = seed + distributed.process_index()
         train_ds = data.make_dataset(shard.repeat(), num_classes, local_batch, True, size, rec.augment, seed=seed_here)
         eval_ds = data.make_dataset(eval_source, num_classes, batch_size, False, size)

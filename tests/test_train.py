@@ -287,6 +287,17 @@ def test_run_trains_on_grayscale_fashion_mnist_as_rgb(tmp_path):
     rgb, _ = next(iter(data.as_rgb(source).batch(4)))
     np.testing.assert_array_equal(rgb.numpy(), np.repeat(gray.numpy(), 3, axis=-1))
     assert data.as_rgb(data.as_rgb(source)).element_spec[0].shape[-1] == 3
+    rgba = np.random.default_rng(0).integers(0, 255, (2, 5, 6, 4), dtype=np.uint8)
+    gray_alpha = tf.data.Dataset.from_tensor_slices((rgba[..., :2], [0, 1]))
+    unknown = tf.data.Dataset.from_generator(lambda: iter([(rgba[0], 0)]), output_signature=(
+        tf.TensorSpec((None, None, None), tf.uint8), tf.TensorSpec((), tf.int32)))  # fmt: skip
+    for found, expected in (
+        (tf.data.Dataset.from_tensor_slices((rgba, [0, 1])), rgba[..., :3]),
+        (gray_alpha, np.repeat(rgba[..., :1], 3, -1)),
+        (unknown, rgba[:1, ..., :3]),
+    ):
+        images = [image.numpy() for image, _ in data.as_rgb(found)]
+        np.testing.assert_array_equal(np.stack(images), expected)
 
     model, history = train.run(
         "fashion_mnist", variant=dict(TINY), recipe="fashion_mnist", batch_size=500, epochs=1, steps_per_epoch=2,
