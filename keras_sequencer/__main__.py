@@ -133,7 +133,7 @@ _RESTARTED = "KERAS_SEQUENCER_KEPT_FREED_MEMORY"
 
 
 def _keep_freed_memory(argv) -> None:
-    """Restarts this command line (`os.execv`: same process id, same interpreter options) with
+    """Restarts this command line (`os.execve`: same process id, same interpreter options) with
     `KEEP_FREED_MEMORY` in GLIBC_TUNABLES; glibc reads them only when a process starts. In the restarted
     process, says so and returns."""
     if argv is not None:
