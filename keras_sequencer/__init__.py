@@ -5,6 +5,7 @@ weights are converted from the reference timm checkpoints.
 """
 
 from keras_sequencer import layers
+from keras_sequencer.allocator import keep_freed_memory
 from keras_sequencer.convert import convert_state_dict
 from keras_sequencer.imagenet import decode_predictions, preprocess_input
 from keras_sequencer.models import (
@@ -41,6 +42,7 @@ __all__ = [
     "create_model",
     "decode_predictions",
     "feature_extractor",
+    "keep_freed_memory",
     "layers",
     "list_models",
     "load_preset",

@@ -4,7 +4,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 
 from keras_sequencer.presets import IMAGENET_EVAL, variant_config
@@ -109,66 +108,20 @@ def _demo(args) -> int:
     return 0
 
 
-# glibc tunables that make a process keep the memory it frees for reuse instead of handing it back to the kernel:
-# one malloc arena, which grows with brk and so can hold any size, no separate mmap per large block, no trimming.
-# A training step's temporaries (gigabytes for S at batch 16) are then mapped and faulted in once per process,
-# not once per step (`benchmarks/README.md`, "glibc keeping the freed memory").
-KEEP_FREED_MEMORY = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
-                     ("glibc.malloc.trim_threshold", "1000000000000"))  # fmt: skip
+def _keep_freed_memory() -> None:
+    """`allocator.keep_freed_memory()` before anything is built (its errors as one-line errors)."""
+    from keras_sequencer.allocator import keep_freed_memory
 
-
-def tunables_keeping_freed_memory(current: str) -> str | None:
-    """`current` (a GLIBC_TUNABLES value) with the `KEEP_FREED_MEMORY` entries set: the user's other entries kept,
-    theirs for these keys replaced. None when `current` already has them."""
-    entries = [entry for entry in current.split(":") if entry]
-    ours = [f"{key}={value}" for key, value in KEEP_FREED_MEMORY]
-    if all(entry in entries for entry in ours):
-        return None
-    keys = {key for key, _ in KEEP_FREED_MEMORY}
-    return ":".join([entry for entry in entries if entry.split("=", 1)[0] not in keys] + ours)
-
-
-# Set in the environment of the restarted process, so that it never restarts again.
-_RESTARTED = "KERAS_SEQUENCER_KEPT_FREED_MEMORY"
-
-
-def _keep_freed_memory(argv) -> None:
-    """Restarts this command line (`os.execve`: same process id, same interpreter options) with
-    `KEEP_FREED_MEMORY` in GLIBC_TUNABLES; glibc reads them only when a process starts. In the restarted
-    process, says so and returns."""
-    if argv is not None:
-        raise ValueError(
-            "--keep-freed-memory restarts the process, so it is for the command line only: run "
-            "`python -m keras_sequencer train ... --keep-freed-memory`, or start Python with GLIBC_TUNABLES set."
-        )
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        raise ValueError(
-            "--keep-freed-memory sets glibc's malloc tunables, so it needs Linux with glibc; this Python runs on "
-            f"{platform.system()} with {platform.libc_ver()[0] or 'another C library'}. Run without it."
-        )
-    current = os.environ.get("GLIBC_TUNABLES", "")
-    tunables = tunables_keeping_freed_memory(current)
-    if tunables is None:
-        print(f"glibc keeps the memory this process frees (GLIBC_TUNABLES={current})", file=sys.stderr)
-        return
-    if os.environ.get(_RESTARTED):
-        raise ValueError(
-            "--keep-freed-memory restarted the process with GLIBC_TUNABLES set, but the restarted process did "
-            f"not receive them (GLIBC_TUNABLES={current!r}; glibc drops them for privileged executables). "
-            "Run without the flag."
-        )
-    if current:
-        print(f"--keep-freed-memory: GLIBC_TUNABLES={current} becomes {tunables}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-                  {**os.environ, "GLIBC_TUNABLES": tunables, _RESTARTED: "1"})  # fmt: skip
-    except OSError as e:
-        raise ValueError(f"--keep-freed-memory could not restart {sys.executable}: {e}. Run without it.") from e
+        keep_freed_memory()
+    except RuntimeError as e:
+        raise ValueError(f"--keep-freed-memory: {e}") from e
+    print("glibc keeps the memory this process frees (--keep-freed-memory)", file=sys.stderr)
 
 
 def _train(args) -> int:
+    if args.keep_freed_memory:  # before anything allocates on another thread
+        _keep_freed_memory()
     from keras_sequencer.checkpointing import save_model
     from keras_sequencer.train import run
 
@@ -227,7 +180,7 @@ def _bench(args) -> int:
                  size=args.size, runs=args.runs, warmup=args.warmup, train=not args.no_train,
                  memory=not args.no_memory, memory_size=args.memory_size, tflite=not args.no_tflite,
                  gemm_size=args.gemm_size, dtype_policy=args.dtype_policy, timm_between=not args.timm_once,
-                 output=args.output)  # fmt: skip
+                 keep_freed_memory=args.keep_freed_memory, output=args.output)  # fmt: skip
     print(f"wrote {args.output}/bench.json, bench.md, bench.png")
     if result["failures"]:
         print(f"error: {len(result['failures'])} engine(s) failed (above; their errors are in bench.json)",
@@ -346,8 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-precision", default=None, choices=["mixed_float16", "mixed_bfloat16"])
     p.add_argument("--devices", type=_COUNT, default=None)
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="Linux with glibc: restart with GLIBC_TUNABLES set so that glibc keeps freed memory for "
-                        "reuse (faster steps on JAX and PyTorch; the process holds its peak memory)")  # fmt: skip
+                   help="Linux with glibc: glibc keeps the memory the process frees for reuse (faster steps on JAX "
+                        "and PyTorch; the process holds its peak memory)")  # fmt: skip
     p.set_defaults(run=_train)
 
     p = commands.add_parser("convert", help="convert a timm / authors' checkpoint to a .weights.h5 or a preset")
@@ -402,6 +355,9 @@ def main(argv=None) -> int:
     p.add_argument("--timm-once", action="store_true",
                    help="time timm once, first (default: again after every engine, each engine's ratios to the "
                         "timm runs before and after it)")  # fmt: skip
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="Linux with glibc: every engine's process, timm's too, keeps the memory it frees (as "
+                        "`train --keep-freed-memory`): engines compared without per-step page faults")  # fmt: skip
     p.add_argument("--output", default="benchmarks/results")
     p.set_defaults(run=_bench)
 
@@ -451,8 +407,6 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "keep_freed_memory", False):
-            _keep_freed_memory(argv)
         return args.run(args)
     except ValueError as e:  # our errors say what to do; no traceback needed
         print(f"error: {e}", file=sys.stderr)

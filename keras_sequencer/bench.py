@@ -320,9 +320,14 @@ def _spawn(kind: str, job: dict, backend: str = "tensorflow"):
 
 
 def _run_worker(kind: str, job_json: str):
+    job = json.loads(job_json)
+    if job.get("keep_freed_memory"):  # before the engine allocates anything (timm's process too)
+        from keras_sequencer.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if kind == "timm":
         import timm  # noqa: F401  (before anything that loads TensorFlow; see README, Known issues)
-    print(json.dumps(_WORKERS[kind](json.loads(job_json))))
+    print(json.dumps(_WORKERS[kind](job)))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -349,6 +354,7 @@ def run(
     gemm_size=2048,
     dtype_policy="float32",
     timm_between=True,
+    keep_freed_memory=False,
     output="benchmarks/results",
     log=print,
 ) -> dict:
@@ -358,15 +364,26 @@ def run(
     `timm_between`: timm is timed again after every engine, and each engine's ratios are to the mean of the
     timm runs just before and after it (rows `timm_runs`), so a machine that drifts over minutes moves both
     sides of a ratio; the timm rows show that drift against the mean of all timm runs. Otherwise timm runs
-    once, first. Peak memory does not drift: timm's is measured once."""
+    once, first. Peak memory does not drift: timm's is measured once.
+
+    `keep_freed_memory`: every engine's process, timm's included, starts with
+    `allocator.keep_freed_memory()` (Linux with glibc), so the engines compare without glibc's per-step page
+    faults; the peak-memory rows then show memory that glibc keeps rather than returns."""
     if gemm_size < 64:
         raise ValueError(f"`gemm_size` must be at least 64 (2048 measures the rate). Received: gemm_size={gemm_size}")
+    if keep_freed_memory:
+        from keras_sequencer.allocator import malloc_arenas
+
+        try:
+            malloc_arenas()  # at once where glibc is missing, before any engine runs
+        except RuntimeError as error:
+            raise ValueError(f"`keep_freed_memory=True`: {error}") from error
     if dtype_policy not in DTYPE_POLICIES:
         raise ValueError(f"`dtype_policy` must be one of {DTYPE_POLICIES}. Received: dtype_policy={dtype_policy!r}")
     backends = [b for b in (backends or BACKENDS) if _installed(b)]
     job = {"variants": list(variants), "batch_sizes": list(batch_sizes), "size": size, "runs": runs,
            "warmup": warmup, "train": train, "memory": False, "memory_size": memory_size,
-           "dtype_policy": dtype_policy}  # fmt: skip
+           "dtype_policy": dtype_policy, "keep_freed_memory": keep_freed_memory}  # fmt: skip
     rows, failures = [], []
     os.makedirs(output, exist_ok=True)
 
@@ -398,6 +415,8 @@ def run(
 
     for name, value in timing_environment().items():
         log(f"{name}={value} (every engine's process inherits it)")
+    if keep_freed_memory:
+        log("glibc keeps freed memory in every engine's process (keep_freed_memory)")
     log(f"fp32 matmul rate (torch, {gemm_size}²) ...")
     gemm = _spawn("gemm", {"gemm_size": gemm_size}, backend="torch")
     on_gpu = gemm["device"] != "cpu"

@@ -6,6 +6,7 @@ and MAC counts.
 """
 
 import json
+import platform
 
 from conftest import run_cli
 import pytest
@@ -81,12 +82,14 @@ def test_bench_writes_table_json_and_png(tmp_path):
 def test_bench_reports_a_failing_engine_and_keeps_the_others(tmp_path):
     """An engine that cannot run (the PyTorch-only path asked of JAX) is named with its error and makes the
     command fail; the engines after it still run, and bench.json holds their rows. An allocator setting in the
-    environment, which moves every engine's timings, is printed and recorded with the machine. With
-    `--timm-once` timm runs once, first, and every ratio is to that run."""
+    environment, which moves every engine's timings, is printed and recorded with the machine, and so is
+    `--keep-freed-memory` (glibc only), which every engine's process applies first. With `--timm-once` timm runs
+    once, first, and every ratio is to that run."""
+    keep = ["--keep-freed-memory"] if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else []
     result = run_cli(
         "bench", "--backends", "jax", "torch", "--paths", "torch", "--batch-sizes", "1", "--size", "28", "--runs",
         "1", "--warmup", "0", "--gemm-size", "64", "--no-train", "--no-memory", "--no-tflite", "--timm-once",
-        "--output", tmp_path, env={"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000000"},
+        *keep, "--output", tmp_path, env={"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000000"},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert "keras-jax (torch) failed:" in result.stdout and "needs the PyTorch backend" in result.stdout
@@ -105,6 +108,8 @@ def test_bench_reports_a_failing_engine_and_keeps_the_others(tmp_path):
             assert row["vs_timm"] == pytest.approx(timm[(row["task"], 0)] / row["seconds"], rel=1e-9)
     assert found["machine"]["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1000000000"
     assert "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1000000000 (every engine's process inherits it)" in result.stdout
+    assert found["settings"]["keep_freed_memory"] is bool(keep)
+    assert ("glibc keeps freed memory in every engine's process" in result.stdout) is bool(keep)
 
 
 @pytest.mark.backend_agnostic

@@ -143,38 +143,24 @@ def test_file_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, c
 
 @pytest.mark.skipif(
     not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
-    reason="--keep-freed-memory sets glibc's tunables; this platform has no glibc",
+    reason="--keep-freed-memory sets glibc's malloc parameters; this platform has no glibc",
 )
-def test_train_keep_freed_memory_restarts_with_the_tunables(tmp_path):
-    """The flag restarts the command with glibc's tunables added to the user's own; the restarted process reads
-    them from its environment, says so, and then runs the command (here: a clear error about the dataset)."""
-    result = run_cli("train", "--dataset", f"folder:{tmp_path}", "--keep-freed-memory",
-                     env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})  # fmt: skip
-    expected = "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold="
+def test_train_keep_freed_memory_then_runs_the_command(tmp_path):
+    """The flag sets glibc's parameters in the process, says so, and then runs the command (here: a clear error
+    about the dataset); without glibc it is a one-line error and nothing trains (the parameters themselves:
+    tests/test_allocator.py)."""
+    result = run_cli("train", "--dataset", f"folder:{tmp_path}", "--keep-freed-memory")
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 becomes" in result.stderr, result.stderr[-3000:]
-    assert f"frees (GLIBC_TUNABLES={expected}" in result.stderr, result.stderr[-3000:]
+    assert "glibc keeps the memory this process frees (--keep-freed-memory)" in result.stderr, result.stderr[-3000:]
     assert f"reads {tmp_path}/train, which is not a folder" in result.stderr.splitlines()[-1], result.stderr[-3000:]
 
 
-def test_keep_freed_memory_tunables_and_refusals(monkeypatch, capsys):
-    """Our three entries replace the user's values for those keys and keep the rest; the flag refuses to restart
-    a process it was called from Python in, and on a platform without glibc (nothing restarts either time)."""
-    import sys
+def test_keep_freed_memory_refused_without_glibc(monkeypatch, capsys):
+    from keras_sequencer.__main__ import main
 
-    from keras_sequencer.__main__ import main, tunables_keeping_freed_memory
-
-    ours = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000"
-    assert tunables_keeping_freed_memory("glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1") == (
-        f"glibc.malloc.hugetlb=1:{ours}"
-    )
-    assert tunables_keeping_freed_memory(f"glibc.malloc.hugetlb=1:{ours}") is None
-    monkeypatch.setattr(os, "execve", lambda *args: pytest.fail(f"restarted: {args}"))
-    argv = ["train", "--dataset", "fashion_mnist", "--keep-freed-memory"]
-    assert main(argv) == 2
-    assert "--keep-freed-memory restarts the process, so it is for the command line only" in capsys.readouterr().err
-    monkeypatch.setattr(sys, "argv", ["keras_sequencer", *argv])
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
-    assert main() == 2
-    error = capsys.readouterr().err
-    assert "--keep-freed-memory sets glibc's malloc tunables, so it needs Linux with glibc" in error, error
+    for argv in (["train", "--dataset", "fashion_mnist", "--keep-freed-memory"],
+                 ["bench", "--keep-freed-memory", "--no-train"]):  # fmt: skip
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "needs Linux with glibc; this Python runs on Darwin" in lines[0], (argv, lines)
