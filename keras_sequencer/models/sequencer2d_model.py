@@ -4,6 +4,7 @@ import math
 import warnings
 
 import keras
+import numpy as np
 
 from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock, eager_torch
 from keras_sequencer.layers.token_mixing import gpu_backs_keras_lstm
@@ -24,6 +25,10 @@ _CHAIN_TYPES = (
     keras.layers.Dense,
     keras.layers.Activation,
 )
+
+
+# `predict` fills a partial last batch only where the added rows are at most 1/PAD_AT_MOST of the images.
+PAD_AT_MOST = 16
 
 
 class SequencerInputs:
@@ -61,11 +66,7 @@ class SequencerInputs:
         Training, `evaluate` and direct calls `model(x)` keep Keras' defaults
         (`compile(jit_compile=...)`).
         """
-        distributed = getattr(self, "_distribute_strategy", None) is not None
-        # On TensorFlow, "a GPU backs Keras' LSTM" is "a GPU is visible" (the layer's own cached check).
-        gpu = gpu_backs_keras_lstm()
-        float32 = all(layer.compute_dtype == "float32" for layer in self.layers)
-        if keras.backend.backend() != "tensorflow" or not self.xla_predict_on_cpu or distributed or gpu or not float32:
+        if not self._xla_predict_on_cpu_tensorflow():
             return super().make_predict_function(force)
         saved = self.jit_compile
         with warnings.catch_warnings():  # a model with a layer XLA cannot take stays without it
@@ -75,6 +76,48 @@ class SequencerInputs:
             return super().make_predict_function(force)
         finally:
             self.jit_compile = saved
+
+    def _xla_predict_on_cpu_tensorflow(self) -> bool:
+        """Whether `make_predict_function` compiles Keras' predict step with XLA (its docstring)."""
+        if keras.backend.backend() != "tensorflow" or not self.xla_predict_on_cpu:
+            return False
+        distributed = getattr(self, "_distribute_strategy", None) is not None
+        # On TensorFlow, "a GPU backs Keras' LSTM" is "a GPU is visible" (the layer's own cached check).
+        float32 = all(layer.compute_dtype == "float32" for layer in self.layers)
+        return not distributed and not gpu_backs_keras_lstm() and float32
+
+    def _compiles_predict_per_shape(self) -> bool:
+        """Whether each new batch shape costs `predict` a compilation: JAX's jitted step, or TensorFlow's when
+        XLA compiles it (ours on a CPU, or `jit_compile=True`)."""
+        if self.run_eagerly:
+            return False
+        if keras.backend.backend() == "jax":
+            return bool(self.jit_compile)
+        if keras.backend.backend() == "tensorflow":
+            return self.jit_compile is True or self._xla_predict_on_cpu_tensorflow()
+        return False
+
+    def _pad_final_batch(self, x, batch_size, steps, callbacks):
+        """`(x, n)`: an array of `n > batch_size` images whose last batch would be partial, with its last image
+        repeated up to a whole batch; else `(x, None)`. A compiled predict step then runs one batch shape
+        instead of two: on a CPU a second XLA compilation of S took 2–16 s (`benchmarks/README.md`). The
+        padded rows are computed on every call while a compilation is paid once per shape, so an array is
+        padded only where they add at most a sixteenth to its work. Only arrays (NumPy, or this backend's
+        tensors) with Keras' own batching (no `steps`, no callbacks, which would see the padded rows)."""
+        batch_size = 32 if batch_size is None else batch_size  # Keras' default
+        if steps is not None or callbacks or not isinstance(batch_size, int) or batch_size < 1:
+            return x, None
+        if not (isinstance(x, np.ndarray) or keras.ops.is_tensor(x)) or len(x.shape) != 4:
+            return x, None
+        count = int(x.shape[0])
+        if count <= batch_size or count % batch_size == 0 or not self._compiles_predict_per_shape():
+            return x, None
+        repeats = batch_size - count % batch_size
+        if repeats * PAD_AT_MOST > count:
+            return x, None
+        if isinstance(x, np.ndarray):
+            return np.concatenate([x, np.repeat(x[-1:], repeats, axis=0)]), count
+        return keras.ops.concatenate([x, keras.ops.repeat(x[-1:], repeats, axis=0)]), count
 
     def check_images(self, shape, batch: bool = False) -> None:
         """Raises a ValueError that says what to pass unless `shape` is a batch of images this model takes.
@@ -141,9 +184,17 @@ class SequencerInputs:
         self._build_optimizer_eagerly()
         return super().train_on_batch(*args, **kwargs)
 
-    def predict(self, x, *args, **kwargs):
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """Keras' `predict`, with the images checked first. Where each batch shape is compiled (JAX, XLA on
+        TensorFlow), an array whose last batch would be partial, and whose copies would add at most a
+        sixteenth to the work, has that batch filled up with copies of its last image, whose outputs are dropped: one
+        compilation instead of two, the same outputs."""
         self._check_input(x)
-        return super().predict(x, *args, **kwargs)
+        padded, count = self._pad_final_batch(x, batch_size, steps, callbacks)
+        outputs = super().predict(padded, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+        if count is None:
+            return outputs
+        return keras.tree.map_structure(lambda output: output[:count], outputs)
 
     def predict_on_batch(self, x):
         self._check_input(x)

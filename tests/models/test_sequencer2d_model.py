@@ -92,6 +92,46 @@ def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch)
         assert not jit_requests
 
 
+def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeypatch):
+    """On JAX and TensorFlow's XLA predict, 65 images at batch size 4 reach Keras as 68 (the last batch filled
+    up with copies of the last image, their outputs dropped), so one batch shape is compiled (on JAX: one trace
+    of the step); the outputs equal direct calls. Not where the copies would add more than a sixteenth of the
+    work, nor on PyTorch or TensorFlow without XLA."""
+    model = tiny_model(input_shape=(16, 16, 3))
+    x = np.random.RandomState(0).uniform(0, 255, (65, 16, 16, 3)).astype("float32")
+    reference = to_numpy(model(x, training=False))
+    given, traced = [], []
+    keras_predict, real_step = keras.Model.predict, model.predict_step
+
+    def recording_predict(self, images, *args, **kwargs):
+        given.append(int(images.shape[0]))
+        return keras_predict(self, images, *args, **kwargs)
+
+    def recording_step(*args):  # (data) or, on JAX, (state, data): runs when JAX traces it
+        traced.append(keras.tree.flatten(args[-1])[0].shape[0])
+        return real_step(*args)
+
+    monkeypatch.setattr(keras.Model, "predict", recording_predict)
+    monkeypatch.setattr(model, "predict_step", recording_step)
+    for images in (x, keras.ops.convert_to_tensor(x)):
+        got = model.predict(images, batch_size=4, verbose=0)
+        assert got.shape == (65, 10)
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5)
+    padded = BACKEND in ("jax", "tensorflow")
+    assert given == ([68, 68] if padded else [65, 65]), given
+    if BACKEND == "jax":
+        assert traced == [4], traced
+    given.clear()  # 33 images: 3 copies would add more than a sixteenth, so the last batch stays partial
+    np.testing.assert_allclose(model.predict(x[:33], batch_size=4, verbose=0), reference[:33], rtol=0, atol=1e-5)
+    assert given == [33], given
+    if BACKEND == "tensorflow":  # without XLA a partial batch costs no compilation: left as it is
+        model.xla_predict_on_cpu = False
+        model.compile(loss="mse")
+        given.clear()
+        np.testing.assert_allclose(model.predict(x, batch_size=4, verbose=0), reference, rtol=0, atol=1e-5)
+        assert given == [65], given
+
+
 _RELOAD = """
 import json, os
 import numpy as np, keras
