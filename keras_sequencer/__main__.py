@@ -113,10 +113,11 @@ def _keep_freed_memory() -> None:
     from keras_sequencer.allocator import keep_freed_memory
 
     try:
-        keep_freed_memory()
+        complete = keep_freed_memory()  # warns where it is not
     except RuntimeError as e:
         raise ValueError(f"--keep-freed-memory: {e}") from e
-    print("glibc keeps the memory this process frees (--keep-freed-memory)", file=sys.stderr)
+    if complete:
+        print("glibc keeps the memory this process frees (--keep-freed-memory)", file=sys.stderr)
 
 
 def _train(args) -> int:

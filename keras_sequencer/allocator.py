@@ -16,7 +16,6 @@ nor loses.
 import ctypes
 import os
 import platform
-import tempfile
 import warnings
 
 # mallopt(3) parameters (malloc.h).
@@ -31,43 +30,55 @@ def _libc():
             "keeping freed memory sets glibc's malloc parameters, so it needs Linux with glibc; this Python runs "
             f"on {platform.system()} with {platform.libc_ver()[0] or 'another C library'}. Leave it off here."
         )
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
-    libc.fdopen.restype = ctypes.c_void_p
-    libc.fclose.argtypes = [ctypes.c_void_p]
-    return libc
+    process, glibc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
+    if ctypes.cast(process.malloc, ctypes.c_void_p).value != ctypes.cast(glibc.malloc, ctypes.c_void_p).value:
+        raise RuntimeError(
+            "this process allocates through another malloc than glibc's (LD_PRELOAD="
+            f"{os.environ.get('LD_PRELOAD', '')!r}), whose parameters glibc's mallopt does not set. Leave it off "
+            "here; that allocator has its own settings."
+        )
+    glibc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    glibc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    glibc.open_memstream.restype = ctypes.c_void_p
+    glibc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    glibc.fclose.argtypes = [ctypes.c_void_p]
+    glibc.free.argtypes = [ctypes.c_void_p]
+    return glibc
 
 
 def malloc_arenas() -> int:
     """How many malloc arenas glibc has made in this process so far (the main one included): one until a
     thread other than the main one allocates while arenas may still be added."""
     libc = _libc()
-    with tempfile.TemporaryFile() as report:
-        stream = libc.fdopen(os.dup(report.fileno()), b"w")
-        if not stream:
-            raise OSError(ctypes.get_errno(), "fdopen failed while reading malloc_info")
-        try:
-            libc.malloc_info(0, stream)
-        finally:
-            libc.fclose(stream)
-        report.seek(0)
-        return report.read().count(b"<heap nr=")
+    buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+    if not stream:
+        raise RuntimeError("glibc's open_memstream failed, so malloc_info could not be read")
+    try:
+        libc.malloc_info(0, stream)
+    finally:
+        libc.fclose(stream)  # sets buffer and size
+    try:
+        return ctypes.string_at(buffer, size.value).count(b"<heap nr=")
+    finally:
+        libc.free(buffer)
 
 
-def keep_freed_memory() -> None:
+def keep_freed_memory() -> bool:
     """Makes glibc keep the memory this process frees for its own reuse, instead of returning large blocks to
     the kernel and faulting them in again on the next training step (module docstring). Linux with glibc only.
 
     Call it first thing, before building or running a model: a thread that has already allocated keeps its own
-    arena, where glibc still maps and unmaps every block larger than the arena's 64 MiB heap. If arenas other
-    than the main one exist already, the call warns (`RuntimeWarning`); the setting then helps only the main
-    thread's allocations. Starting Python with
+    arena, where glibc still maps and unmaps every block larger than the arena's 64 MiB heap, and later threads
+    may be given such an arena too. If arenas other than the main one exist already, the call warns
+    (`RuntimeWarning`) and returns False: the setting then helps only the allocations that land on the main
+    arena. That is the case in a Jupyter kernel, whose own threads have made arenas before the
+    first cell runs. Starting Python with
     `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000`
-    has the same effect from the first allocation on.
+    (for a Jupyter kernel: in the `env` of its kernel spec) has the same effect from the first allocation on.
 
-    Raises `RuntimeError` on other platforms, or if glibc refuses a parameter."""
+    Returns True when every thread will allocate from the main arena. Raises `RuntimeError` on other
+    platforms, where another malloc is preloaded, or if glibc refuses a parameter."""
     libc = _libc()
     # -1 becomes SIZE_MAX in glibc's size_t threshold: never trim (a positive int caps it at 2 GiB, less than
     # one step's temporaries of S).
@@ -80,9 +91,12 @@ def keep_freed_memory() -> None:
         warnings.warn(
             f"keep_freed_memory() came after other threads had allocated: {arenas - 1} arena(s) besides the main "
             "one exist, and their large blocks are still mapped and unmapped per use. Call it right after "
-            "importing keras_sequencer, before building or running a model, or start Python with "
+            "importing keras_sequencer, before building or running a model, or start Python (a Jupyter kernel: "
+            "the `env` of its kernel spec; its own threads have arenas before the first cell) with "
             "GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
             "glibc.malloc.trim_threshold=1000000000000.",
             RuntimeWarning,
             stacklevel=2,
         )
+        return False
+    return True

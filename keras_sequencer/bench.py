@@ -322,9 +322,13 @@ def _spawn(kind: str, job: dict, backend: str = "tensorflow"):
 def _run_worker(kind: str, job_json: str):
     job = json.loads(job_json)
     if job.get("keep_freed_memory"):  # before the engine allocates anything (timm's process too)
+        import warnings
+
         from keras_sequencer.allocator import keep_freed_memory
 
-        keep_freed_memory()
+        with warnings.catch_warnings():  # partly applied would compare engines under different allocators
+            warnings.simplefilter("error", RuntimeWarning)
+            keep_freed_memory()
     if kind == "timm":
         import timm  # noqa: F401  (before anything that loads TensorFlow; see README, Known issues)
     print(json.dumps(_WORKERS[kind](job)))

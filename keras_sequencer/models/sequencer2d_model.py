@@ -66,13 +66,17 @@ class SequencerInputs:
         Training, `evaluate` and direct calls `model(x)` keep Keras' defaults
         (`compile(jit_compile=...)`).
         """
+        if self.predict_function is not None and not force:
+            return self.predict_function
         if not self._xla_predict_on_cpu_tensorflow():
+            self._predict_compiled = not self.run_eagerly and bool(self.jit_compile)
             return super().make_predict_function(force)
         saved = self.jit_compile
         with warnings.catch_warnings():  # a model with a layer XLA cannot take stays without it
             warnings.simplefilter("ignore")
             self.jit_compile = True
         try:
+            self._predict_compiled = not self.run_eagerly and bool(self.jit_compile)
             return super().make_predict_function(force)
         finally:
             self.jit_compile = saved
@@ -88,36 +92,34 @@ class SequencerInputs:
 
     def _compiles_predict_per_shape(self) -> bool:
         """Whether each new batch shape costs `predict` a compilation: JAX's jitted step, or TensorFlow's when
-        XLA compiles it (ours on a CPU, or `jit_compile=True`)."""
-        if self.run_eagerly:
+        XLA compiles it (ours on a CPU, or `jit_compile=True`), as the predict function was built."""
+        if keras.backend.backend() not in ("jax", "tensorflow"):
             return False
-        if keras.backend.backend() == "jax":
-            return bool(self.jit_compile)
-        if keras.backend.backend() == "tensorflow":
-            return self.jit_compile is True or self._xla_predict_on_cpu_tensorflow()
-        return False
+        self.make_predict_function()  # Keras' own first step of `predict`; built once
+        return getattr(self, "_predict_compiled", False)
 
-    def _pad_final_batch(self, x, batch_size, steps, callbacks):
-        """`(x, n)`: an array of `n > batch_size` images whose last batch would be partial, with its last image
-        repeated up to a whole batch; else `(x, None)`. A compiled predict step then runs one batch shape
-        instead of two: on a CPU a second XLA compilation of S took 2–16 s (`benchmarks/README.md`). The
-        padded rows are computed on every call while a compilation is paid once per shape, so an array is
-        padded only where they add at most a sixteenth to its work. Only arrays (NumPy, or this backend's
-        tensors) with Keras' own batching (no `steps`, no callbacks, which would see the padded rows)."""
+    def _split_partial_batch(self, x, batch_size, steps, callbacks):
+        """`(whole, tail, remainder)` for a NumPy array of more than `batch_size` images whose last batch would
+        be partial: the number of images in whole batches, and the last `remainder` images with copies of the
+        last one up to a whole batch. Else None. A compiled predict step then runs one batch shape instead of
+        two: on a CPU a second XLA compilation of S took 2–16 s (`benchmarks/README.md`). The copies are
+        computed on every call while a compilation is paid once per shape, so only where they add at most
+        1/PAD_AT_MOST to the work. Not for backend tensors (a slice may copy them, on an accelerator too),
+        nor with `steps` or callbacks (which would see the copies)."""
         batch_size = 32 if batch_size is None else batch_size  # Keras' default
         if steps is not None or callbacks or not isinstance(batch_size, int) or batch_size < 1:
-            return x, None
-        if not (isinstance(x, np.ndarray) or keras.ops.is_tensor(x)) or len(x.shape) != 4:
-            return x, None
-        count = int(x.shape[0])
-        if count <= batch_size or count % batch_size == 0 or not self._compiles_predict_per_shape():
-            return x, None
-        repeats = batch_size - count % batch_size
-        if repeats * PAD_AT_MOST > count:
-            return x, None
-        if isinstance(x, np.ndarray):
-            return np.concatenate([x, np.repeat(x[-1:], repeats, axis=0)]), count
-        return keras.ops.concatenate([x, keras.ops.repeat(x[-1:], repeats, axis=0)]), count
+            return None
+        if not isinstance(x, np.ndarray) or x.ndim != 4:
+            return None
+        count = x.shape[0]
+        remainder = count % batch_size
+        if count <= batch_size or remainder == 0 or (batch_size - remainder) * PAD_AT_MOST > count:
+            return None
+        if not self._compiles_predict_per_shape():
+            return None
+        whole = count - remainder
+        tail = np.concatenate([x[whole:], np.repeat(x[-1:], batch_size - remainder, axis=0)])
+        return whole, tail, remainder
 
     def check_images(self, shape, batch: bool = False) -> None:
         """Raises a ValueError that says what to pass unless `shape` is a batch of images this model takes.
@@ -186,15 +188,18 @@ class SequencerInputs:
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         """Keras' `predict`, with the images checked first. Where each batch shape is compiled (JAX, XLA on
-        TensorFlow), an array whose last batch would be partial, and whose copies would add at most a
-        sixteenth to the work, has that batch filled up with copies of its last image, whose outputs are dropped: one
-        compilation instead of two, the same outputs."""
+        TensorFlow), a NumPy array whose last batch would be partial, and whose copies would add at most a
+        sixteenth to the work, runs as its whole batches and then a last batch filled up with copies of its
+        last image, whose outputs are dropped: one compilation instead of two, the same outputs (two progress
+        bars where `verbose` shows them)."""
         self._check_input(x)
-        padded, count = self._pad_final_batch(x, batch_size, steps, callbacks)
-        outputs = super().predict(padded, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
-        if count is None:
-            return outputs
-        return keras.tree.map_structure(lambda output: output[:count], outputs)
+        split = self._split_partial_batch(x, batch_size, steps, callbacks)
+        if split is None:
+            return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+        whole, tail, remainder = split
+        head = super().predict(x[:whole], batch_size=batch_size, verbose=verbose)
+        last = super().predict(tail, batch_size=batch_size, verbose=verbose)
+        return keras.tree.map_structure(lambda a, b: np.concatenate([a, b[:remainder]]), head, last)
 
     def predict_on_batch(self, x):
         self._check_input(x)

@@ -93,10 +93,10 @@ def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch)
 
 
 def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeypatch):
-    """On JAX and TensorFlow's XLA predict, 65 images at batch size 4 reach Keras as 68 (the last batch filled
-    up with copies of the last image, their outputs dropped), so one batch shape is compiled (on JAX: one trace
-    of the step); the outputs equal direct calls. Not where the copies would add more than a sixteenth of the
-    work, nor on PyTorch or TensorFlow without XLA."""
+    """On JAX and TensorFlow's XLA predict, 65 NumPy images at batch size 4 reach Keras as the first 64 and
+    then a batch of the last image and 3 copies (their outputs dropped), so one batch shape is compiled (on
+    JAX: one trace of the step); the outputs equal direct calls. Not for backend tensors, nor where the
+    copies would add more than a sixteenth of the work, nor on PyTorch or TensorFlow without XLA."""
     model = tiny_model(input_shape=(16, 16, 3))
     x = np.random.RandomState(0).uniform(0, 255, (65, 16, 16, 3)).astype("float32")
     reference = to_numpy(model(x, training=False))
@@ -113,23 +113,24 @@ def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeyp
 
     monkeypatch.setattr(keras.Model, "predict", recording_predict)
     monkeypatch.setattr(model, "predict_step", recording_step)
-    for images in (x, keras.ops.convert_to_tensor(x)):
+
+    def check(images, calls):
+        given.clear()
         got = model.predict(images, batch_size=4, verbose=0)
-        assert got.shape == (65, 10)
-        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5)
+        assert got.shape == (len(images), 10)
+        np.testing.assert_allclose(got, reference[: len(images)], rtol=0, atol=1e-5)
+        assert given == calls, given
+
     padded = BACKEND in ("jax", "tensorflow")
-    assert given == ([68, 68] if padded else [65, 65]), given
+    check(x, [64, 4] if padded else [65])
     if BACKEND == "jax":
         assert traced == [4], traced
-    given.clear()  # 33 images: 3 copies would add more than a sixteenth, so the last batch stays partial
-    np.testing.assert_allclose(model.predict(x[:33], batch_size=4, verbose=0), reference[:33], rtol=0, atol=1e-5)
-    assert given == [33], given
+    check(keras.ops.convert_to_tensor(x), [65])
+    check(x[:33], [33])  # 3 copies would add more than a sixteenth: the last batch stays partial
     if BACKEND == "tensorflow":  # without XLA a partial batch costs no compilation: left as it is
         model.xla_predict_on_cpu = False
         model.compile(loss="mse")
-        given.clear()
-        np.testing.assert_allclose(model.predict(x, batch_size=4, verbose=0), reference, rtol=0, atol=1e-5)
-        assert given == [65], given
+        check(x, [65])
 
 
 _RELOAD = """
