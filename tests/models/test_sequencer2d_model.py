@@ -100,11 +100,13 @@ def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeyp
     model = tiny_model(input_shape=(16, 16, 3))
     x = np.random.RandomState(0).uniform(0, 255, (65, 16, 16, 3)).astype("float32")
     reference = to_numpy(model(x, training=False))
-    given, traced = [], []
+    given, traced, kinds = [], [], []
     keras_predict, real_step = keras.Model.predict, model.predict_step
 
-    def recording_predict(self, images, *args, **kwargs):
-        given.append(int(images.shape[0]))
+    def recording_predict(self, images, *args, **kwargs):  # TensorFlow's XLA predict: batched by tf.data
+        batched = hasattr(images, "element_spec")
+        kinds.append("dataset" if batched else "array")
+        given.append(sum(len(b) for b in images) if batched else int(images.shape[0]))
         return keras_predict(self, images, *args, **kwargs)
 
     def recording_step(*args):  # (data) or, on JAX, (state, data): runs when JAX traces it
@@ -127,10 +129,14 @@ def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeyp
         assert traced == [4], traced
     check(keras.ops.convert_to_tensor(x), [65])
     check(x[:33], [33])  # 3 copies would add more than a sixteenth: the last batch stays partial
-    if BACKEND == "tensorflow":  # without XLA a partial batch costs no compilation: left as it is
-        model.xla_predict_on_cpu = False
+    check(x.astype("float64"), [64, 4] if padded else [65])
+    if BACKEND == "tensorflow":  # NumPy arrays through a tf.data pipeline without autotuning, tensors as given
+        assert kinds == ["dataset", "dataset", "array", "dataset", "dataset", "dataset"], kinds
+        model.xla_predict_on_cpu = False  # without XLA a partial batch costs no compilation: left as it is
         model.compile(loss="mse")
+        kinds.clear()
         check(x, [65])
+        assert kinds == ["array"], kinds
 
 
 _RELOAD = """
