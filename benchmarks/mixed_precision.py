@@ -4,7 +4,10 @@ Each backend runs in a fresh process; inside it the policies' models are timed i
 Prints a markdown table with each policy's time as a ratio to float32 in the same process, and whether
 `keras_sequencer` warns (`PrecisionWarning`) about that policy here.
 
-Usage: python benchmarks/mixed_precision.py [--backends tensorflow jax torch] [--rounds 4]
+Usage: python benchmarks/mixed_precision.py [--backends tensorflow jax torch] [--rounds 4] [--batch 4] [--train demo]
+
+`--train s` times Sequencer2D-S's own training step at `--batch` (AdamW) instead of the demo model's: the
+workload the warning rule is meant for, at about ten times the run time.
 """
 
 import argparse
@@ -18,7 +21,7 @@ import time
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
-def worker(rounds: int) -> dict:
+def worker(rounds: int, batch: int, train_model: str) -> dict:
     import warnings
 
     import keras
@@ -28,22 +31,24 @@ def worker(rounds: int) -> dict:
     from keras_sequencer.demo import build_demo_model
 
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((4, 224, 224, 3)).astype("float32")
-    digits = rng.standard_normal((128, 28, 28, 1)).astype("float32")
-    labels = rng.integers(0, 10, 128)
+    images = rng.standard_normal((batch, 224, 224, 3)).astype("float32")
+    if train_model == "s":
+        train_x, train_y = images, rng.integers(0, 1000, batch)
+    else:
+        train_x, train_y = rng.standard_normal((128, 28, 28, 1)).astype("float32"), rng.integers(0, 10, 128)
     models, demos, warned = {}, {}, {}
     for policy in POLICIES:
         keras.config.set_dtype_policy(policy)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             models[policy] = Sequencer2DS(weights=None)
-            demos[policy] = build_demo_model()
+            demos[policy] = Sequencer2DS(weights=None) if train_model == "s" else build_demo_model()
         warned[policy] = any(issubclass(w.category, PrecisionWarning) for w in caught)
         keras.config.set_dtype_policy("float32")
         demos[policy].compile("adamw", "sparse_categorical_crossentropy")
         models[policy].predict_on_batch(images)  # first calls: tracing and compilation
-        demos[policy].train_on_batch(digits, labels)
-        demos[policy].train_on_batch(digits, labels)
+        demos[policy].train_on_batch(train_x, train_y)
+        demos[policy].train_on_batch(train_x, train_y)
     predict = {p: [] for p in POLICIES}
     train = {p: [] for p in POLICIES}
     for _ in range(rounds):
@@ -52,9 +57,10 @@ def worker(rounds: int) -> dict:
             models[policy].predict_on_batch(images)
             predict[policy].append(time.perf_counter() - start)
             start = time.perf_counter()
-            for _ in range(3):
-                demos[policy].train_on_batch(digits, labels)
-            train[policy].append((time.perf_counter() - start) / 3)
+            repeats = 1 if train_model == "s" else 3
+            for _ in range(repeats):
+                demos[policy].train_on_batch(train_x, train_y)
+            train[policy].append((time.perf_counter() - start) / repeats)
     return {
         p: {"predict": statistics.median(predict[p]), "train": statistics.median(train[p]), "warns": warned[p]}
         for p in POLICIES
@@ -65,19 +71,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4, help="batch size of S's inference (and of its training)")
+    parser.add_argument(
+        "--train", choices=["demo", "s"], default="demo", help="time the demo model's training step or S's"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.rounds)))
+        print(json.dumps(worker(args.rounds, args.batch, args.train)))
         return
+    trained = f"S `train_on_batch` ({args.batch})" if args.train == "s" else "demo `train_on_batch` (128)"
     rows = [
-        "| backend | policy | S 224² batch 4 `predict_on_batch` ms | vs float32 | demo `train_on_batch` (128) ms "
+        f"| backend | policy | S 224² batch {args.batch} `predict_on_batch` ms | vs float32 | {trained} ms "
         "| vs float32 | PrecisionWarning |",
         "|---|---|---|---|---|---|---|",
     ]
     for backend in args.backends:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        command = [sys.executable, __file__, "--worker", "--rounds", str(args.rounds)]
+        command = [sys.executable, __file__, "--worker", "--rounds", str(args.rounds), "--batch", str(args.batch)]
+        command += ["--train", args.train]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"The {backend} worker failed:\n{done.stderr[-3000:]}")

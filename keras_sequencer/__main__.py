@@ -98,8 +98,9 @@ def _predict(args) -> int:
 
 
 def _demo(args) -> int:
-    from keras_sequencer.demo import run_demo
+    from keras_sequencer.demo import run_demo, run_small_ops_side_by_side
 
+    run_small_ops_side_by_side()  # a fresh process: TensorFlow's threads can still be set
     metrics = run_demo(args.output, epochs=args.epochs, batch_size=args.batch_size, data_dir=args.data_dir,
                        limit=args.limit)  # fmt: skip
     print(f"Fashion-MNIST test accuracy: {metrics['test_accuracy']:.4f} "

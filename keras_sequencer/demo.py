@@ -95,6 +95,44 @@ def _plots(output_dir, history, confusion, x_test, y_test, predictions):
     plt.close(fig)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def run_small_ops_side_by_side() -> bool:
+    """On TensorFlow with at most 2 cores, runs independent ops at once, one thread each.
+
+    The demo model's ops are small (7-step LSTMs of 16 units, 64 channels), too small to gain from being
+    split over two cores; the height and width LSTMs and their two directions are independent and can run
+    side by side instead. On a 2-core CPU one thread per op with two ops at a time made the training step
+    1.15x faster than TensorFlow's defaults (benchmarks/README.md, "Demo: Fashion-MNIST"). Larger machines
+    keep TensorFlow's defaults, as do processes whose threads are already set (`TF_NUM_INTRAOP_THREADS`,
+    `TF_NUM_INTEROP_THREADS`, `tf.config.threading`) or whose TensorFlow runtime already started.
+
+    Returns:
+        Whether the threads were set.
+    """
+    if keras.backend.backend() != "tensorflow" or usable_cores() > 2:
+        return False
+    if os.environ.get("TF_NUM_INTRAOP_THREADS") or os.environ.get("TF_NUM_INTEROP_THREADS"):
+        return False
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    if threading.get_intra_op_parallelism_threads() or threading.get_inter_op_parallelism_threads():
+        return False
+    try:
+        threading.set_intra_op_parallelism_threads(1)
+        threading.set_inter_op_parallelism_threads(2)
+    except RuntimeError:  # the runtime has started: its thread pools are fixed
+        return False
+    return True
+
+
 def run_demo(
     output_dir: str = "reports/demo",
     epochs: int | None = None,
@@ -115,6 +153,10 @@ def run_demo(
         limit: use only this many training and test images (for quick checks).
         seed: seed of weights, shuffling and augmentation.
         verbose: Keras progress-bar setting.
+
+    `python -m keras_sequencer demo` first calls `run_small_ops_side_by_side()`
+    (TensorFlow's threads for the demo's small ops); in a fresh process of
+    your own, call it before anything else runs TensorFlow.
 
     Returns:
         The metrics written to `metrics.json`. A re-run into the same

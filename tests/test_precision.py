@@ -13,6 +13,7 @@ from keras_sequencer import precision
 AVX2 = frozenset({"sse2", "avx", "avx2", "fma"})  # a CPU of the kind without 16-bit arithmetic
 BF16 = AVX2 | {"avx512f", "avx512_bf16"}
 AMX = AVX2 | {"amx_bf16", "amx_fp16"}
+FP16 = BF16 | {"avx512_fp16", "amx_bf16"}  # float16 arithmetic in AVX-512, bfloat16 in AMX too
 
 
 @pytest.mark.backend_agnostic
@@ -25,9 +26,13 @@ def test_rule_follows_the_instructions_and_the_backend(backend):
     assert "neither AVX512-BF16 nor AMX-BF16" in reason("bfloat16", AVX2)
     assert "neither AVX512-FP16 nor AMX-FP16" in reason("float16", AVX2)
     assert "neither AVX512-FP16" in reason("float16", BF16)  # bfloat16 instructions do not make float16 fast
-    assert reason("float16", AMX) is None
+    for flags in (FP16, AMX):  # with float16 instructions only XLA gains; TensorFlow's and PyTorch's kernels lose
+        if backend == "jax":
+            assert reason("float16", flags) is None
+        else:
+            assert "slower than float32 even on CPUs with AVX512-FP16" in reason("float16", flags)
     # XLA on a CPU runs bfloat16 slower than float32 even with the instructions; the other backends gain.
-    for flags in (BF16, AMX, None):  # None: the CPU's features are unknown, only the XLA rule applies
+    for flags in (BF16, FP16, AMX, None):  # None: the CPU's features are unknown, only the XLA rule applies
         if backend == "jax":
             assert "XLA" in reason("bfloat16", flags)
         else:
@@ -92,6 +97,16 @@ def test_a_cpu_with_bfloat16_instructions_warns_only_under_xla(cpu):
         assert len(caught) == 1 and "XLA" in str(caught[0].message)
     else:
         assert caught == []
+
+
+def test_a_cpu_with_float16_instructions_warns_except_under_xla(cpu):
+    cpu(FP16)
+    caught = _built("mixed_float16")
+    if BACKEND == "jax":
+        assert caught == []
+    else:
+        assert len(caught) == 1 and "even on CPUs with AVX512-FP16" in str(caught[0].message)
+    assert (len(_built("mixed_bfloat16")) == 1) == (BACKEND == "jax")
 
 
 def test_loading_a_bfloat16_model_warns(cpu, tmp_path):

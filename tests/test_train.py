@@ -310,3 +310,40 @@ def test_run_trains_on_grayscale_fashion_mnist_as_rgb(tmp_path):
     predicted = np.argmax(keras.ops.convert_to_numpy(model.predict(rgb, batch_size=500, verbose=0)), -1)
     # two of 10,000 images may round to another class than in the pipeline's batches
     assert history.history["val_accuracy"][-1] == pytest.approx(np.mean(predicted == labels), abs=2e-4)
+
+
+_THREADS = """
+import json, sys
+import tensorflow as tf
+from keras_sequencer.demo import run_small_ops_side_by_side, usable_cores
+if sys.argv[1] == "started":
+    tf.constant(1.0) + 1  # TensorFlow's runtime starts: its thread pools are fixed from here on
+threading = tf.config.threading
+before = [threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()]
+done = run_small_ops_side_by_side()
+after = [threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()]
+print(json.dumps([done, usable_cores(), before, after]))
+"""
+
+
+@pytest.mark.backend_agnostic
+@pytest.mark.parametrize(
+    "backend, when, env",
+    [
+        ("tensorflow", "fresh", {}),
+        ("tensorflow", "started", {}),
+        ("tensorflow", "fresh", {"TF_NUM_INTEROP_THREADS": "3"}),
+        ("jax", "fresh", {}),
+    ],
+)
+def test_the_demo_runs_small_ops_side_by_side_only_where_it_may(backend, when, env):
+    """One thread per op, two ops at a time: set in a fresh TensorFlow process on at most 2 cores; left alone
+    where TensorFlow already runs, where the user chose threads, and on other backends."""
+    # No thread settings but the case's own (scripts/test.sh sets both for its workers).
+    env = {"TF_NUM_INTRAOP_THREADS": "", "TF_NUM_INTEROP_THREADS": "", **env}
+    result = run_subprocess(["-c", _THREADS, when], backend=backend, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done, cores, before, after = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = backend == "tensorflow" and when == "fresh" and not any(env.values()) and cores <= 2
+    assert done == expected
+    assert after == ([1, 2] if expected else before)
