@@ -3,12 +3,14 @@
 import os
 import warnings
 
-from conftest import BACKEND, global_dtype_policy, tiny_model
+from conftest import BACKEND, ONE_BLOCK, global_dtype_policy, perturb_weights, tiny_model
 import keras
+import numpy as np
 import pytest
 
 import keras_sequencer as ks
 from keras_sequencer import precision
+from keras_sequencer.layers.rnn import Float32Orthogonal
 
 AVX2 = frozenset({"sse2", "avx", "avx2", "fma"})  # a CPU of the kind without 16-bit arithmetic
 BF16 = AVX2 | {"avx512f", "avx512_bf16"}
@@ -119,3 +121,66 @@ def test_loading_a_bfloat16_model_warns(cpu, tmp_path):
         model = keras.saving.load_model(tmp_path / "m.keras")  # under the float32 global policy
     assert model.layers[-2].compute_dtype == "bfloat16"
     assert [w for w in caught if issubclass(w.category, ks.PrecisionWarning)]
+
+
+# === Pure 16-bit policies: 16-bit variables ===
+
+
+def test_a_pure_bfloat16_policy_builds_predicts_trains_and_reloads_near_float32(tmp_path):
+    """Under "bfloat16" every variable is 16-bit, the recurrent kernels' orthogonal start included (a QR
+    decomposition, which has no 16-bit CPU kernel on any backend). The model computes what the float32 model
+    with the same weights computes, to bfloat16 rounding, trains, and reloads from a `.keras` file."""
+    keras.utils.set_random_seed(3)
+    options = {"weights": None, "classes": 10, "classifier_activation": None}
+    reference = perturb_weights(ks.Sequencer2D(**ONE_BLOCK, **options), seed=3)
+    rng = np.random.default_rng(0)
+    images = (rng.normal(size=(4, 32, 32, 3)) * 50 + 120).astype("float32")
+    labels = rng.integers(0, 10, 4)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    reference.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    with warnings.catch_warnings(), global_dtype_policy("bfloat16"):
+        warnings.simplefilter("ignore", ks.PrecisionWarning)  # whether 16 bits are slow here is another test's
+        model = ks.Sequencer2D(**ONE_BLOCK, **options)
+        assert {v.dtype for v in model.weights} == {"bfloat16"}
+        model.set_weights(reference.get_weights())
+        logits = np.asarray(model.predict(images, verbose=0), "float32")
+        expected = reference.predict(images, verbose=0)
+        np.testing.assert_allclose(logits, expected, atol=0.05 * np.abs(expected).max())  # measured: 0.012-0.017
+        np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+        first_loss = float(np.asarray(model.train_on_batch(images, labels)))
+        np.testing.assert_allclose(first_loss, float(np.asarray(reference.test_on_batch(images, labels))), rtol=0.02)
+        assert {v.dtype for v in model.weights} == {"bfloat16"}
+        moved = [not np.array_equal(np.asarray(a, "float32"), np.asarray(b, "float32"))
+                 for a, b in zip(model.get_weights(), reference.get_weights(), strict=True)]  # fmt: skip
+        assert all(moved)
+        model.save(tmp_path / "m.keras")
+    restored = keras.saving.load_model(tmp_path / "m.keras")  # under the float32 global policy
+    assert {v.dtype for v in restored.weights} == {"bfloat16"}
+    for saved, loaded in zip(model.get_weights(), restored.get_weights(), strict=True):
+        np.testing.assert_array_equal(np.asarray(loaded, "float32"), np.asarray(saved, "float32"))
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16"])
+def test_pure_16_bit_policies_build_16_bit_variables(policy):
+    with warnings.catch_warnings(), global_dtype_policy(policy):
+        warnings.simplefilter("ignore", ks.PrecisionWarning)
+        model = ks.Sequencer2D(**ONE_BLOCK, weights=None, classes=10)
+    assert {v.dtype for v in model.weights} == {policy}
+    backbone = ks.Sequencer2DBackbone(**ONE_BLOCK, dtype=policy)  # keras-hub's way to ask for the dtype
+    assert {v.dtype for v in backbone.weights} == {policy}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_recurrent_initializer_is_kerass_orthogonal_computed_in_float32(dtype):
+    shape = (6, 24)  # an LSTM's recurrent kernel: units x 4 units
+    values = Float32Orthogonal(seed=5)(shape, dtype=dtype)
+    assert keras.backend.standardize_dtype(values.dtype) == dtype
+    expected = keras.initializers.Orthogonal(seed=5)(shape, dtype="float32")
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(keras.ops.cast(values, "float32")),
+        keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(expected, dtype), "float32")),
+    )
+    rows = keras.ops.convert_to_numpy(expected)
+    np.testing.assert_allclose(rows @ rows.T, np.eye(6), atol=1e-5)  # orthonormal rows

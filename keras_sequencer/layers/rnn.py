@@ -36,15 +36,36 @@ def _outside_object_sharing():
             global_state.set_global_attribute(key, value)
 
 
+@keras.saving.register_keras_serializable(package="keras_sequencer")
+class Float32Orthogonal(keras.initializers.Orthogonal):
+    """Keras' orthogonal initializer computed in float32, then cast to the variable's dtype.
+
+    The recurrent kernels' default initializer takes a QR decomposition, which
+    has no bfloat16 or float16 kernel on a CPU in TensorFlow, JAX (LAPACK) or
+    PyTorch: under a pure 16-bit dtype policy ("bfloat16", "float16", whose
+    variables are 16-bit) Keras' own initializer cannot build the model. In
+    float32 the values are those of `keras.initializers.Orthogonal` with the
+    same seed.
+    """
+
+    def __call__(self, shape, dtype=None):
+        dtype = keras.backend.standardize_dtype(dtype)
+        values = super().__call__(shape, dtype="float32")
+        return values if dtype == "float32" else keras.ops.cast(values, dtype)
+
+
 def sequence_layer(rnn_type: str, units: int, bidirectional: bool, name: str, dtype=None):
     """A Keras LSTM / GRU / SimpleRNN returning sequences, wrapped in Bidirectional when asked.
 
     Explicit names keep variable paths stable (`rnn_v/forward_lstm/lstm_cell/kernel`)
-    whatever else the process has built; the converter relies on them.
+    whatever else the process has built; the converter relies on them. The
+    recurrent kernels start orthogonal, as Keras' default, computed in float32
+    (`Float32Orthogonal`) so that 16-bit variables can be built.
     """
     with _outside_object_sharing():
         cls = getattr(keras.layers, _RNN_LAYERS[rnn_type])
+        kwargs = {"return_sequences": True, "dtype": dtype, "recurrent_initializer": Float32Orthogonal()}
         if not bidirectional:
-            return cls(units, return_sequences=True, name=name, dtype=dtype)
-        rnn = cls(units, return_sequences=True, name=rnn_type, dtype=dtype)
+            return cls(units, name=name, **kwargs)
+        rnn = cls(units, name=rnn_type, **kwargs)
         return keras.layers.Bidirectional(rnn, merge_mode="concat", name=name, dtype=dtype)
