@@ -195,12 +195,15 @@ def _hub_classifier(model: keras.Model, eval_config: EvalConfig):
         interpolation=eval_config.interpolation,
         scale=scale,
         offset=offset,
+        name="sequencer2d_image_converter",
+    )
+    # Named, as the backbone is: Keras' default names count the layers made before in this process, and a
+    # preset's files would then depend on what the process did first.
+    preprocessor = hub.Sequencer2DImageClassifierPreprocessor(
+        converter, name="sequencer2d_image_classifier_preprocessor"
     )
     classifier = hub.Sequencer2DImageClassifier(
-        backbone,
-        num_classes=head.units,
-        preprocessor=hub.Sequencer2DImageClassifierPreprocessor(converter),
-        name=model.name,
+        backbone, num_classes=head.units, preprocessor=preprocessor, name=model.name
     )
     classifier.output_dense.set_weights(head.get_weights())  # logits: keras-hub's classifiers end without softmax
     return classifier

@@ -178,6 +178,17 @@ def test_a_preset_survives_save_load_save_byte_stable(tmp_path, keras_hub):
 
 
 @pytest.mark.backend_agnostic
+def test_a_presets_files_do_not_depend_on_what_the_process_made_before(tmp_path, keras_hub):
+    from keras_sequencer import hub
+
+    ks.save_preset(tiny_model(), tmp_path / "first")
+    hub.Sequencer2DImageClassifierPreprocessor(hub.Sequencer2DImageConverter())  # takes Keras' default names
+    ks.save_preset(tiny_model(), tmp_path / "second")
+    for file in ("config.json", "task.json", "preprocessor.json"):
+        assert (tmp_path / "first" / file).read_bytes() == (tmp_path / "second" / file).read_bytes(), file
+
+
+@pytest.mark.backend_agnostic
 def test_bad_presets_say_what_is_wrong(s_preset, tmp_path):
     with pytest.raises(ValueError, match=r"is Sequencer2D-S with layers=\(4, 3, 8, 3\); model 'sequencer2d_m' has "):
         ks.Sequencer2DM(weights=s_preset)
