@@ -17,6 +17,7 @@ from keras import ops
 import numpy as np
 
 from keras_sequencer.models.backbone import KERAS_HUB_AVAILABLE, Sequencer2DBackbone
+from keras_sequencer.models.sequencer2d_model import build_optimizer_eagerly
 from keras_sequencer.presets import IMAGENET_EVAL
 
 if not KERAS_HUB_AVAILABLE:
@@ -230,6 +231,14 @@ class Sequencer2DImageClassifier(keras_hub.models.ImageClassifier):
     def _check_raw(self, x):
         if self.preprocessor is None:
             self.backbone._check_input(x)
+
+    def fit(self, *args, **kwargs):
+        build_optimizer_eagerly(self)  # the training step traced once on TensorFlow, as this package's models
+        return super().fit(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        build_optimizer_eagerly(self)
+        return super().train_on_batch(*args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         self._check_raw(x)

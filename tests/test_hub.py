@@ -9,6 +9,7 @@ import os
 import shutil
 
 from conftest import (
+    BACKEND,
     TINY,
     global_image_data_format,
     normalise,
@@ -284,3 +285,23 @@ def test_the_converter_inside_tf_data_equals_the_direct_call(keras_hub):
         np.testing.assert_allclose(converted.numpy(), to_numpy(converter(photo[None]))[0], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"square crops.*Received: image_size=\(64, 80\)"):
         converter.image_size = (64, 80)
+
+
+@pytest.mark.backend_agnostic
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a property of Keras' TensorFlow trainer (the TensorFlow pass)")
+def test_a_tasks_training_step_is_traced_once_on_tensorflow(keras_hub, monkeypatch):
+    """keras-hub's task builds its optimizer before the first step, as this package's models do: otherwise Keras'
+    TensorFlow trainer builds it inside the traced step and traces the whole step twice."""
+    from keras_sequencer import hub
+    from keras_sequencer.layers import BiLSTM2D, token_mixing
+
+    traced = []
+    real = token_mixing.mix
+    monkeypatch.setattr(token_mixing, "mix", lambda *args, **kwargs: traced.append(1) or real(*args, **kwargs))
+    classifier = hub.Sequencer2DImageClassifier(ks.Sequencer2DBackbone(**TINY, image_shape=(32, 32, 3)), num_classes=5)
+    classifier.compile(optimizer="adamw", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.RandomState(0).uniform(-2, 2, (8, 32, 32, 3)).astype("float32")
+    traced.clear()
+    classifier.fit(x, np.arange(8) % 5, epochs=2, batch_size=4, verbose=0)
+    assert len(traced) == sum(isinstance(layer, BiLSTM2D) for layer in classifier._flatten_layers())
+    assert classifier.optimizer.built

@@ -31,6 +31,24 @@ _CHAIN_TYPES = (
 PAD_AT_MOST = 16
 
 
+def build_optimizer_eagerly(model: keras.Model) -> None:
+    """Builds a compiled model's optimizer now, eagerly, on TensorFlow when no tf.distribute strategy holds it.
+
+    Keras' TensorFlow trainer otherwise builds the optimizer inside the first
+    traced train step; its variables then make TensorFlow trace the step a
+    second time, and creating them inside the traced graph is slow (for S,
+    816 slots: about half the time to the first step, benchmarks/README.md).
+    Built here they are created once. With a strategy Keras builds it itself.
+    """
+    if (
+        keras.backend.backend() == "tensorflow"
+        and getattr(model, "_distribute_strategy", None) is None
+        and getattr(model, "optimizer", None) is not None
+        and not model.optimizer.built
+    ):
+        model.optimizer.build(model.trainable_variables)
+
+
 class SequencerInputs:
     """Input checks and TensorFlow's CPU `predict` path, shared by the classifier and the backbone.
 
@@ -165,25 +183,12 @@ class SequencerInputs:
         if shape is not None and not isinstance(x, dict):
             self.check_images([None if s is None else int(s) for s in shape], batch=True)
 
-    def _build_optimizer_eagerly(self):
-        # Keras' TensorFlow trainer, when no tf.distribute strategy holds the model, builds the optimizer
-        # inside the first traced train step; its variables then make TensorFlow trace the step a second
-        # time, and creating them inside the traced graph is slow (for S, 816 slots: about half the time to
-        # the first step, benchmarks/README.md). Built here they are created once, eagerly.
-        if (
-            keras.backend.backend() == "tensorflow"
-            and getattr(self, "_distribute_strategy", None) is None
-            and getattr(self, "optimizer", None) is not None
-            and not self.optimizer.built
-        ):
-            self.optimizer.build(self.trainable_variables)
-
     def fit(self, *args, **kwargs):
-        self._build_optimizer_eagerly()
+        build_optimizer_eagerly(self)
         return super().fit(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
-        self._build_optimizer_eagerly()
+        build_optimizer_eagerly(self)
         return super().train_on_batch(*args, **kwargs)
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
