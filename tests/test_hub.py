@@ -185,7 +185,7 @@ def test_a_presets_files_do_not_depend_on_what_the_process_made_before(tmp_path,
     ks.save_preset(tiny_model(), tmp_path / "first")
     hub.Sequencer2DImageClassifierPreprocessor(hub.Sequencer2DImageConverter())  # takes Keras' default names
     ks.save_preset(tiny_model(), tmp_path / "second")
-    for file in ("config.json", "task.json", "preprocessor.json"):
+    for file in ("config.json", "task.json", "preprocessor.json", "image_converter.json"):
         assert (tmp_path / "first" / file).read_bytes() == (tmp_path / "second" / file).read_bytes(), file
 
 

@@ -64,7 +64,9 @@ def sequence_layer(rnn_type: str, units: int, bidirectional: bool, name: str, dt
     """
     with _outside_object_sharing():
         cls = getattr(keras.layers, _RNN_LAYERS[rnn_type])
-        kwargs = {"return_sequences": True, "dtype": dtype, "recurrent_initializer": Float32Orthogonal()}
+        # The class, not an instance: the cell makes it in Keras' own order, so unseeded initializers draw
+        # their seeds from `keras.utils.set_random_seed` as they did before.
+        kwargs = {"return_sequences": True, "dtype": dtype, "recurrent_initializer": Float32Orthogonal}
         if not bidirectional:
             return cls(units, name=name, **kwargs)
         rnn = cls(units, name=rnn_type, **kwargs)
