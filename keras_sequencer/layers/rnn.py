@@ -43,15 +43,16 @@ class Float32Orthogonal(keras.initializers.Orthogonal):
     The recurrent kernels' default initializer takes a QR decomposition, which
     has no bfloat16 or float16 kernel on a CPU in TensorFlow, JAX (LAPACK) or
     PyTorch: under a pure 16-bit dtype policy ("bfloat16", "float16", whose
-    variables are 16-bit) Keras' own initializer cannot build the model. In
-    float32 the values are those of `keras.initializers.Orthogonal` with the
-    same seed.
+    variables are 16-bit) Keras' own initializer cannot build the model. Other
+    dtypes get `keras.initializers.Orthogonal`'s values unchanged (same seed,
+    same values); 16-bit ones get its float32 values, rounded.
     """
 
     def __call__(self, shape, dtype=None):
         dtype = keras.backend.standardize_dtype(dtype)
-        values = super().__call__(shape, dtype="float32")
-        return values if dtype == "float32" else keras.ops.cast(values, dtype)
+        if dtype not in ("bfloat16", "float16"):
+            return super().__call__(shape, dtype=dtype)
+        return keras.ops.cast(super().__call__(shape, dtype="float32"), dtype)
 
 
 def sequence_layer(rnn_type: str, units: int, bidirectional: bool, name: str, dtype=None):
