@@ -17,7 +17,7 @@ from keras import ops
 import numpy as np
 
 from keras_sequencer.models.backbone import KERAS_HUB_AVAILABLE, Sequencer2DBackbone
-from keras_sequencer.models.sequencer2d_model import build_optimizer_eagerly
+from keras_sequencer.models.sequencer2d_model import CompiledPredict, build_optimizer_eagerly
 from keras_sequencer.presets import IMAGENET_EVAL
 
 if not KERAS_HUB_AVAILABLE:
@@ -210,11 +210,14 @@ class Sequencer2DImageClassifierPreprocessor(keras_hub.models.ImageClassifierPre
 
 
 @keras.saving.register_keras_serializable(package="keras_sequencer")
-class Sequencer2DImageClassifier(keras_hub.models.ImageClassifier):
+class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifier):
     """A keras-hub `ImageClassifier` on a `Sequencer2DBackbone`: average pooling and a Dense head (logits).
 
     The same computation as `Sequencer2D(..., classifier_activation=None)`
-    with timm's eval transform in front when a preprocessor is set.
+    with timm's eval transform in front when a preprocessor is set, and the
+    same `predict` (`CompiledPredict`): XLA-compiled on TensorFlow without a
+    GPU (`xla_predict_on_cpu`), a partial last batch of a NumPy array filled
+    up where each batch shape is compiled (TensorFlow's XLA, JAX).
 
     Example:
     >>> backbone = keras_sequencer.Sequencer2DBackbone(**keras_sequencer.presets.variant_config("s"))
@@ -240,9 +243,14 @@ class Sequencer2DImageClassifier(keras_hub.models.ImageClassifier):
         build_optimizer_eagerly(self)
         return super().train_on_batch(*args, **kwargs)
 
-    def predict(self, x, *args, **kwargs):
+    def _batches_arrays_itself(self) -> bool:
+        # keras-hub batches a NumPy array with tf.data (autotuned) on every backend: ours, without autotuning,
+        # avoids its stalls (`CompiledPredict._predict_array`).
+        return True
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         self._check_raw(x)
-        return super().predict(x, *args, **kwargs)
+        return self._predict_filled(self._predict_array, x, batch_size, verbose, steps, callbacks)
 
     def predict_on_batch(self, x):
         self._check_raw(x)

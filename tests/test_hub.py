@@ -128,6 +128,59 @@ def test_fit_on_real_photos_lowers_the_loss(tmp_path, keras_hub):
     np.testing.assert_array_equal(to_numpy(classifier.predict(photos, verbose=0)).argmax(-1), labels)
 
 
+def test_a_tasks_predict_is_this_packages_compiled_predict(tmp_path, keras_hub, monkeypatch):
+    """The task's `predict` is this package's models': XLA-compiled on TensorFlow without a GPU (Keras would
+    not), and where each batch shape is compiled (there and on JAX) 65 raw photos at batch size 4 reach
+    keras-hub's `predict` as the first 64 and then the last one with 3 copies, whose outputs are dropped: one
+    batch shape compiled. Neither on PyTorch, nor on TensorFlow with `xla_predict_on_cpu` off. On every
+    backend the photos reach keras-hub batched by a tf.data pipeline without autotuning. The outputs equal
+    the network called on the preprocessed photos."""
+    classifier = keras_hub.models.ImageClassifier.from_preset(ks.save_preset(tiny_model(classes=3), tmp_path / "t"))
+    classifier.preprocessor.image_size = (32, 32)
+    photos = np.stack([photo[:120, :160] for photo in _photos()])[np.arange(65) % len(PHOTOS)]  # raw uint8
+    expected = to_numpy(classifier(classifier.preprocessor(photos), training=False))
+
+    given, traced, jit_requests = [], [], []
+    hub_predict, real_step = keras_hub.models.ImageClassifier.predict, classifier.predict_step
+
+    def recording_predict(self, images, *args, **kwargs):
+        assert not images.options().autotune.enabled, "a tf.data pipeline without autotuning"
+        given.append(sum(len(batch) for batch in images))
+        return hub_predict(self, images, *args, **kwargs)
+
+    def recording_step(*args):  # (data) or, on JAX, (state, data): runs when JAX traces it
+        traced.append(keras.tree.flatten(args[-1])[0].shape[0])
+        return real_step(*args)
+
+    monkeypatch.setattr(keras_hub.models.ImageClassifier, "predict", recording_predict)
+    monkeypatch.setattr(classifier, "predict_step", recording_step)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        assert not tf.config.list_logical_devices("GPU"), "this check is for CPU-only TensorFlow"
+        real_function = tf.function
+
+        def spy(*args, **kwargs):  # records the functions handed over to be XLA-compiled
+            if kwargs.get("jit_compile") and args:
+                jit_requests.append(args[0])
+            return real_function(*args, **kwargs)
+
+        monkeypatch.setattr(tf, "function", spy)
+
+    got = classifier.predict(photos, batch_size=4, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert given == ([64, 4] if BACKEND in ("jax", "tensorflow") else [65]), given
+    if BACKEND == "jax":
+        assert traced == [4], traced
+    if BACKEND == "tensorflow":
+        assert jit_requests and not classifier.jit_compile  # predict compiled; training keeps Keras' default
+        classifier.xla_predict_on_cpu = False
+        classifier.make_predict_function(force=True)
+        given.clear(), jit_requests.clear()
+        np.testing.assert_allclose(classifier.predict(photos, batch_size=4, verbose=0), expected, rtol=0, atol=1e-5)
+        assert given == [65] and not jit_requests
+
+
 @pytest.mark.backend_agnostic
 def test_a_task_from_a_preset_has_every_layer_built(tmp_path, keras_hub):
     """Keras' JAX trainer runs a whole eager forward pass before the first `predict` when any layer of a model

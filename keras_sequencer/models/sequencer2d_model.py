@@ -49,25 +49,19 @@ def build_optimizer_eagerly(model: keras.Model) -> None:
         model.optimizer.build(model.trainable_variables)
 
 
-class SequencerInputs:
-    """Input checks and TensorFlow's CPU `predict` path, shared by the classifier and the backbone.
+class CompiledPredict:
+    """`predict` for models whose predict step is compiled per batch shape: shared by this package's functional
+    models and its keras-hub task.
 
-    Mixed into functional `keras.Model` subclasses: a wrong input rank, a
-    wrong channel count, an empty batch or an image smaller than the
-    network's total patch size becomes a `ValueError` that says what to pass,
-    on every call and before Keras runs anything.
+    On TensorFlow without a GPU the predict step is compiled with XLA (`make_predict_function`), a NumPy
+    array whose last batch would be partial runs as whole batches only (`_predict_filled`) there and on JAX,
+    and a NumPy array that goes through tf.data goes through a pipeline without tf.data's autotuning
+    (`_predict_array`). Mixed into `keras.Model` subclasses before the Keras class; it defines no `predict`
+    of its own, so a subclass's `super().predict` stays Keras' (or keras-hub's).
     """
 
-    def _init_inputs(self):
-        # The smallest side every stage can still cut into patches; derived from
-        # the graph so `.keras` files and presets need no extra config.
-        self.min_image_size = math.prod(layer.patch_size for layer in self.layers if isinstance(layer, PatchEmbed))
-        # TensorFlow without a GPU: compile `predict` with XLA (see `make_predict_function`).
-        self.xla_predict_on_cpu = True
-        # A 16-bit policy that is slower than float32 on this machine (a CPU without the instructions) says so.
-        for dtype in ("bfloat16", "float16"):
-            if any(layer.compute_dtype == dtype for layer in self.layers):
-                warn_if_slower_than_float32(dtype)
+    # TensorFlow without a GPU: compile `predict` with XLA (see `make_predict_function`).
+    xla_predict_on_cpu = True
 
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
@@ -139,6 +133,66 @@ class SequencerInputs:
         tail = np.concatenate([x[whole:], np.repeat(x[-1:], batch_size - remainder, axis=0)])
         return whole, tail, remainder
 
+    def _predict_filled(self, predict, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """`predict(x, ...)`; where each batch shape is compiled (JAX, XLA on TensorFlow), a NumPy array whose
+        last batch would be partial, and whose copies would add at most a sixteenth to the work, runs as its
+        whole batches and then a last batch filled up with copies of its last image, whose outputs are
+        dropped: one compilation instead of two, the same outputs (two progress bars where `verbose` shows
+        them)."""
+        split = self._split_partial_batch(x, batch_size, steps, callbacks)
+        if split is None:
+            return predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+        whole, tail, remainder = split
+        head = predict(x[:whole], batch_size=batch_size, verbose=verbose)
+        last = predict(tail, batch_size=batch_size, verbose=verbose)
+        return keras.tree.map_structure(lambda a, b: np.concatenate([a, b[:remainder]]), head, last)
+
+    def _batches_arrays_itself(self) -> bool:
+        """Whether `_predict_array` hands a NumPy array to Keras as its own tf.data pipeline: under TensorFlow's
+        XLA predict (subclasses may widen this)."""
+        return keras.backend.backend() == "tensorflow" and self._compiles_predict_per_shape()
+
+    def _predict_array(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """The next class's `predict` (Keras', keras-hub's). Where `_batches_arrays_itself`, a NumPy array goes
+        in batched by a plain tf.data pipeline with tf.data's autotuning off. With autotuning on, deleting the
+        pipeline's iterator at the end of a call waits for a background thread of tf.data's with both cores
+        idle: S's predict of 112 images on 2 cores took 20.5-20.9 s in 9 of 11 calls through Keras' array
+        pipeline, against 12.0-14.4 s in 10 of 10 this way (`benchmarks/README.md`)."""
+        if (
+            isinstance(x, np.ndarray)
+            and steps is None
+            and (batch_size is None or (isinstance(batch_size, int) and batch_size > 0))
+            and self._batches_arrays_itself()
+        ):
+            import tensorflow as tf
+
+            if x.dtype == np.float64:  # as Keras' array pipeline does
+                x = x.astype(keras.config.floatx())
+            options = tf.data.Options()
+            options.autotune.enabled = False
+            batches = tf.data.Dataset.from_tensor_slices(x).batch(32 if batch_size is None else batch_size)
+            return super().predict(batches.with_options(options), verbose=verbose, callbacks=callbacks)
+        return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+
+
+class SequencerInputs(CompiledPredict):
+    """Input checks, shared by the classifier and the backbone, and `CompiledPredict`'s `predict`.
+
+    Mixed into functional `keras.Model` subclasses: a wrong input rank, a
+    wrong channel count, an empty batch or an image smaller than the
+    network's total patch size becomes a `ValueError` that says what to pass,
+    on every call and before Keras runs anything.
+    """
+
+    def _init_inputs(self):
+        # The smallest side every stage can still cut into patches; derived from
+        # the graph so `.keras` files and presets need no extra config.
+        self.min_image_size = math.prod(layer.patch_size for layer in self.layers if isinstance(layer, PatchEmbed))
+        # A 16-bit policy that is slower than float32 on this machine (a CPU without the instructions) says so.
+        for dtype in ("bfloat16", "float16"):
+            if any(layer.compute_dtype == dtype for layer in self.layers):
+                warn_if_slower_than_float32(dtype)
+
     def check_images(self, shape, batch: bool = False) -> None:
         """Raises a ValueError that says what to pass unless `shape` is a batch of images this model takes.
 
@@ -192,42 +246,11 @@ class SequencerInputs:
         return super().train_on_batch(*args, **kwargs)
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
-        """Keras' `predict`, with the images checked first. Where each batch shape is compiled (JAX, XLA on
-        TensorFlow), a NumPy array whose last batch would be partial, and whose copies would add at most a
-        sixteenth to the work, runs as its whole batches and then a last batch filled up with copies of its
-        last image, whose outputs are dropped: one compilation instead of two, the same outputs (two progress
-        bars where `verbose` shows them). Under TensorFlow's XLA predict a NumPy array goes in as a tf.data
+        """Keras' `predict`, with the images checked first, a partial last batch filled where each batch shape
+        is compiled (`_predict_filled`), and under TensorFlow's XLA predict a NumPy array going in as a tf.data
         pipeline without autotuning (`_predict_array`)."""
         self._check_input(x)
-        split = self._split_partial_batch(x, batch_size, steps, callbacks)
-        if split is None:
-            return self._predict_array(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
-        whole, tail, remainder = split
-        head = self._predict_array(x[:whole], batch_size=batch_size, verbose=verbose)
-        last = self._predict_array(tail, batch_size=batch_size, verbose=verbose)
-        return keras.tree.map_structure(lambda a, b: np.concatenate([a, b[:remainder]]), head, last)
-
-    def _predict_array(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
-        """Keras' `predict`. Under TensorFlow's XLA predict a NumPy array is batched by a plain tf.data pipeline
-        with autotuning off: through Keras' own array pipeline (which autotunes) S's predict of 112 images ran
-        at 20.5-20.9 s in 9 of 11 calls on a 2-core CPU, against 12.0-14.4 s in 10 of 10 this way
-        (`benchmarks/README.md`)."""
-        if (
-            keras.backend.backend() == "tensorflow"
-            and isinstance(x, np.ndarray)
-            and steps is None
-            and (batch_size is None or (isinstance(batch_size, int) and batch_size > 0))
-            and self._compiles_predict_per_shape()
-        ):
-            import tensorflow as tf
-
-            if x.dtype == np.float64:  # as Keras' array pipeline does
-                x = x.astype(keras.config.floatx())
-            options = tf.data.Options()
-            options.autotune.enabled = False
-            batches = tf.data.Dataset.from_tensor_slices(x).batch(32 if batch_size is None else batch_size)
-            return super().predict(batches.with_options(options), verbose=verbose, callbacks=callbacks)
-        return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+        return self._predict_filled(self._predict_array, x, batch_size, verbose, steps, callbacks)
 
     def predict_on_batch(self, x):
         self._check_input(x)
