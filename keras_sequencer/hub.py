@@ -12,6 +12,8 @@ keras-hub's own loaders find them:
 with every keras-hub task; `fit`, `predict` and `evaluate` apply it.
 """
 
+import importlib.util
+
 import keras
 from keras import ops
 import numpy as np
@@ -29,6 +31,10 @@ if not KERAS_HUB_AVAILABLE:
 import keras_hub  # noqa: E402
 
 _SCALE, _OFFSET = IMAGENET_EVAL.scale_offset
+# keras-hub batches NumPy arrays with grain where grain is installed, else with tf.data.
+KERAS_HUB_BATCHES_WITH_TF_DATA = (
+    importlib.util.find_spec("grain") is None and importlib.util.find_spec("tensorflow") is not None
+)
 
 
 def _check_square(image_size):
@@ -216,8 +222,10 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
     The same computation as `Sequencer2D(..., classifier_activation=None)`
     with timm's eval transform in front when a preprocessor is set, and the
     same `predict` (`CompiledPredict`): XLA-compiled on TensorFlow without a
-    GPU (`xla_predict_on_cpu`), a partial last batch of a NumPy array filled
-    up where each batch shape is compiled (TensorFlow's XLA, JAX).
+    GPU (`xla_predict_on_cpu`; `predict_on_batch` too), a partial last batch
+    of a NumPy array filled up where each batch shape is compiled
+    (TensorFlow's XLA, JAX), and a NumPy array that keras-hub would batch
+    with tf.data batched without tf.data's autotuning.
 
     Example:
     >>> backbone = keras_sequencer.Sequencer2DBackbone(**keras_sequencer.presets.variant_config("s"))
@@ -244,9 +252,9 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
         return super().train_on_batch(*args, **kwargs)
 
     def _batches_arrays_itself(self) -> bool:
-        # keras-hub batches a NumPy array with tf.data (autotuned) on every backend: ours, without autotuning,
-        # avoids its stalls (`CompiledPredict._predict_array`).
-        return True
+        # Where keras-hub would batch a NumPy array with an autotuned tf.data pipeline (any backend, without
+        # grain), ours without autotuning avoids that pipeline's stalls (`CompiledPredict._predict_array`).
+        return KERAS_HUB_BATCHES_WITH_TF_DATA
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         self._check_raw(x)
