@@ -258,7 +258,7 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         self._check_raw(x)
-        return self._predict_filled(self._predict_array, x, batch_size, verbose, steps, callbacks)
+        return self._predict_filled(x, batch_size, verbose, steps, callbacks)
 
     def predict_on_batch(self, x):
         self._check_raw(x)

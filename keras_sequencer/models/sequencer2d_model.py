@@ -133,12 +133,13 @@ class CompiledPredict:
         tail = np.concatenate([x[whole:], np.repeat(x[-1:], batch_size - remainder, axis=0)])
         return whole, tail, remainder
 
-    def _predict_filled(self, predict, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
-        """`predict(x, ...)`; where each batch shape is compiled (JAX, XLA on TensorFlow), a NumPy array whose
+    def _predict_filled(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """`_predict_array(x, ...)`; where each batch shape is compiled (JAX, XLA on TensorFlow), a NumPy array whose
         last batch would be partial, and whose copies would add at most a sixteenth to the work, runs as its
         whole batches and then a last batch filled up with copies of its last image, whose outputs are
         dropped: one compilation instead of two, the same outputs (two progress bars where `verbose` shows
         them)."""
+        predict = self._predict_array
         split = self._split_partial_batch(x, batch_size, steps, callbacks)
         if split is None:
             return predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
@@ -250,7 +251,7 @@ class SequencerInputs(CompiledPredict):
         is compiled (`_predict_filled`), and under TensorFlow's XLA predict a NumPy array going in as a tf.data
         pipeline without autotuning (`_predict_array`)."""
         self._check_input(x)
-        return self._predict_filled(self._predict_array, x, batch_size, verbose, steps, callbacks)
+        return self._predict_filled(x, batch_size, verbose, steps, callbacks)
 
     def predict_on_batch(self, x):
         self._check_input(x)
