@@ -182,6 +182,26 @@ def tiny_model(seed: int = 0, **kwargs) -> keras.Model:
     return perturb_weights(ks.Sequencer2D(**TINY, **options), seed)
 
 
+@pytest.fixture
+def xla_requests(monkeypatch) -> list:
+    """The functions handed to `tf.function(..., jit_compile=True)` from now on, in a list that fills as they
+    are; on TensorFlow only (elsewhere it stays empty), which must see no GPU: it is for CPU-only checks."""
+    requests = []
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        assert not tf.config.list_logical_devices("GPU"), "this check is for CPU-only TensorFlow"
+        real_function = tf.function
+
+        def spy(*args, **kwargs):
+            if kwargs.get("jit_compile") and args:
+                requests.append(args[0])
+            return real_function(*args, **kwargs)
+
+        monkeypatch.setattr(tf, "function", spy)
+    return requests
+
+
 def normalise(images_uint8: np.ndarray) -> np.ndarray:
     """ImageNet normalisation the way timm's eval transform does it (its constants, written out here)."""
     mean = np.array([0.485, 0.456, 0.406], np.float32)

@@ -53,26 +53,15 @@ def test_a_rejected_predict_leaves_the_model_whole():
     np.testing.assert_allclose(to_numpy(model(images)), expected, rtol=0, atol=1e-5)
 
 
-def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(monkeypatch):
+def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(xla_requests):
     """`predict` equals a direct call; on CPU-only TensorFlow Keras is asked to XLA-compile its predict step
     (Keras alone would not on a CPU) unless `xla_predict_on_cpu` is turned off."""
     model = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
     x = np.random.RandomState(0).uniform(0, 255, (2, 24, 40, 3)).astype("float32")
     eager = to_numpy(model(x, training=False))
     tensorflow = keras.backend.backend() == "tensorflow"
-    jit_requests = []
-    if tensorflow:
-        import tensorflow as tf
-
-        assert not tf.config.list_logical_devices("GPU"), "this check is for CPU-only TensorFlow"
-        real_function = tf.function
-
-        def spy(*args, **kwargs):  # records which functions are asked to be XLA-compiled
-            if kwargs.get("jit_compile") and args:  # a function handed over to be XLA-compiled
-                jit_requests.append(args[0])
-            return real_function(*args, **kwargs)
-
-        monkeypatch.setattr(tf, "function", spy)
+    jit_requests = xla_requests
+    jit_requests.clear()  # from here on: the requests of `predict_on_batch`
     np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
     if tensorflow:
         assert jit_requests  # predict's step function was asked to be XLA-compiled
