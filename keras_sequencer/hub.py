@@ -221,8 +221,9 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
 
     The same computation as `Sequencer2D(..., classifier_activation=None)`
     with timm's eval transform in front when a preprocessor is set, and the
-    same `predict` (`CompiledPredict`): XLA-compiled on TensorFlow without a
-    GPU (`xla_predict_on_cpu`; `predict_on_batch` too), a partial last batch
+    same `predict` and `evaluate` (`CompiledPredict`): XLA-compiled on
+    TensorFlow without a GPU (`xla_predict_on_cpu`, `predict_on_batch` too;
+    `xla_evaluate_on_cpu`, `fit`'s validation too), a partial last batch
     of a NumPy array filled up where each batch shape is compiled
     (TensorFlow's XLA, JAX), and a NumPy array that keras-hub would batch
     with tf.data batched without tf.data's autotuning.
@@ -251,8 +252,8 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
         build_optimizer_eagerly(self)
         return super().train_on_batch(*args, **kwargs)
 
-    def _batches_arrays_itself(self) -> bool:
-        # Where keras-hub would batch a NumPy array with an autotuned tf.data pipeline (any backend, without
+    def _batches_arrays_itself(self, step: str) -> bool:
+        # Where keras-hub would batch NumPy arrays with an autotuned tf.data pipeline (any backend, without
         # grain), ours without autotuning avoids that pipeline's stalls (`CompiledPredict._predict_array`).
         return KERAS_HUB_BATCHES_WITH_TF_DATA
 
@@ -266,4 +267,4 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
 
     def evaluate(self, x=None, *args, **kwargs):
         self._check_raw(x)
-        return super().evaluate(x, *args, **kwargs)
+        return self._evaluate_array(x, *args, **kwargs)

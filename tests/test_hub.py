@@ -175,6 +175,39 @@ def test_a_tasks_predict_is_this_packages_compiled_predict(tmp_path, keras_hub, 
         assert given == [65] and not jit_requests
 
 
+def test_a_tasks_evaluate_is_this_packages_compiled_evaluate(tmp_path, keras_hub, monkeypatch, xla_requests):
+    """The task's `evaluate` of raw photos and labels gives the loss and accuracy computed here from the network
+    called on the preprocessed photos; it is XLA-compiled on TensorFlow without a GPU (Keras would not) and,
+    where keras-hub would batch the arrays with tf.data (no grain), they reach it batched by a tf.data pipeline
+    without autotuning."""
+    classifier = keras_hub.models.ImageClassifier.from_preset(ks.save_preset(tiny_model(classes=3), tmp_path / "t"))
+    classifier.preprocessor.image_size = (32, 32)
+    photos = np.stack([photo[:120, :160] for photo in _photos()])[np.arange(10) % len(PHOTOS)]  # raw uint8
+    labels = np.arange(10) % 3
+    logits = to_numpy(classifier(classifier.preprocessor(photos), training=False)).astype("float64")
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    losses = -log_probs[np.arange(10), labels]
+    loss = sum(losses[b].sum() for b in (slice(0, 4), slice(4, 8), slice(8, 10))) / 10  # batch means, by size
+    accuracy = (logits.argmax(-1) == labels).mean()
+
+    autotuned, hub_evaluate = [], keras_hub.models.ImageClassifier.evaluate
+
+    def recording_evaluate(self, data=None, *args, **kwargs):
+        autotuned.append(data.options().autotune.enabled if hasattr(data, "element_spec") else None)
+        return hub_evaluate(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(keras_hub.models.ImageClassifier, "evaluate", recording_evaluate)
+    classifier.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    xla_requests.clear()
+    got = classifier.evaluate(photos, labels, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose([got["loss"], got["accuracy"]], [loss, accuracy], rtol=1e-5)
+    from keras_sequencer import hub
+
+    assert autotuned == [False if hub.KERAS_HUB_BATCHES_WITH_TF_DATA else None], autotuned
+    assert bool(xla_requests) == (BACKEND == "tensorflow")
+
+
 @pytest.mark.backend_agnostic
 def test_a_task_from_a_preset_has_every_layer_built(tmp_path, keras_hub):
     """Keras' JAX trainer runs a whole eager forward pass before the first `predict` when any layer of a model

@@ -1,5 +1,6 @@
 """Sequencer2DModel, the functional model `Sequencer2D` returns, and the input checks it shares with the backbone."""
 
+import contextlib
 import math
 import warnings
 
@@ -50,18 +51,21 @@ def build_optimizer_eagerly(model: keras.Model) -> None:
 
 
 class CompiledPredict:
-    """`predict` for models whose predict step is compiled per batch shape: shared by this package's functional
-    models and its keras-hub task.
+    """`predict` and `evaluate` for models whose inference step is compiled per batch shape: shared by this
+    package's functional models and its keras-hub task.
 
-    On TensorFlow without a GPU the predict step is compiled with XLA (`make_predict_function`), a NumPy
-    array whose last batch would be partial runs as whole batches only (`_predict_filled`) there and on JAX,
-    and a NumPy array that goes through tf.data goes through a pipeline without tf.data's autotuning
-    (`_predict_array`). Mixed into `keras.Model` subclasses before the Keras class; it defines no `predict`
-    of its own, so a subclass's `super().predict` stays Keras' (or keras-hub's).
+    On TensorFlow without a GPU the predict and test steps are compiled with XLA (`make_predict_function`,
+    `make_test_function`), a NumPy array whose last batch would be partial runs as whole batches only
+    (`_predict_filled`) there and on JAX, and a NumPy array that goes through tf.data goes through a pipeline
+    without tf.data's autotuning (`_predict_array`). Mixed into `keras.Model` subclasses before the Keras
+    class; it defines no `predict` or `evaluate` of its own, so a subclass's `super()` calls stay Keras' (or
+    keras-hub's).
     """
 
     # TensorFlow without a GPU: compile `predict` with XLA (see `make_predict_function`).
     xla_predict_on_cpu = True
+    # TensorFlow without a GPU: compile `evaluate`'s step (and `fit`'s validation) with XLA (`make_test_function`).
+    xla_evaluate_on_cpu = True
 
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
@@ -75,27 +79,54 @@ class CompiledPredict:
         holds the model (Keras' own rule), or the model computes in another
         dtype than float32 (e.g. under "mixed_bfloat16", which XLA on a CPU
         runs slower than TensorFlow's own kernels).
-        Training, `evaluate` and direct calls `model(x)` keep Keras' defaults
-        (`compile(jit_compile=...)`).
+        Training and direct calls `model(x)` keep Keras' defaults
+        (`compile(jit_compile=...)`); `evaluate` has its own switch
+        (`make_test_function`).
         """
         if self.predict_function is not None and not force:
             return self.predict_function
-        if not self._xla_predict_on_cpu_tensorflow():
+        with self._xla_on_cpu_tensorflow_if(self.xla_predict_on_cpu):
             self._predict_compiled = not self.run_eagerly and bool(self.jit_compile)
             return super().make_predict_function(force)
+
+    def make_test_function(self, force=False):
+        """Keras' test function (`evaluate`, and the validation of `fit`); on TensorFlow without a GPU it is
+        compiled with XLA, as `predict` is (`make_predict_function`), under the same conditions.
+
+        On a 2-core CPU S's `evaluate` at batch 16 ran 1.37x faster from XLA alone, the demo model's over the
+        10,000 Fashion-MNIST test images 1.48x, the first call about a second slower (benchmarks/README.md,
+        "TensorFlow `evaluate`"). Each new
+        batch shape costs a compilation: a partial last batch is a second one, which within `fit` is paid
+        once. Keras' own metrics and losses compile; one that XLA cannot compile (a `tf.numpy_function`, say)
+        fails at the first call: set `model.xla_evaluate_on_cpu = False` and `compile` again (or
+        `make_test_function(force=True)`).
+        """
+        if self.test_function is not None and not force:
+            return self.test_function
+        with self._xla_on_cpu_tensorflow_if(self.xla_evaluate_on_cpu):
+            self._test_compiled = not self.run_eagerly and bool(self.jit_compile)
+            return super().make_test_function(force)
+
+    @contextlib.contextmanager
+    def _xla_on_cpu_tensorflow_if(self, switch: bool):
+        """Within the block `jit_compile` is True where `switch` is on and `_xla_on_cpu_tensorflow()`, so that
+        Keras' function builders compile with XLA; the model's own setting (training's) is restored after."""
+        if not (switch and self._xla_on_cpu_tensorflow()):
+            yield
+            return
         saved = self.jit_compile
         with warnings.catch_warnings():  # a model with a layer XLA cannot take stays without it
             warnings.simplefilter("ignore")
             self.jit_compile = True
         try:
-            self._predict_compiled = not self.run_eagerly and bool(self.jit_compile)
-            return super().make_predict_function(force)
+            yield
         finally:
             self.jit_compile = saved
 
-    def _xla_predict_on_cpu_tensorflow(self) -> bool:
-        """Whether `make_predict_function` compiles Keras' predict step with XLA (its docstring)."""
-        if keras.backend.backend() != "tensorflow" or not self.xla_predict_on_cpu:
+    def _xla_on_cpu_tensorflow(self) -> bool:
+        """Whether inference steps are compiled with XLA by this class (`make_predict_function`'s docstring):
+        TensorFlow, no GPU, no `tf.distribute` strategy, float32 throughout."""
+        if keras.backend.backend() != "tensorflow":
             return False
         distributed = getattr(self, "_distribute_strategy", None) is not None
         # On TensorFlow, "a GPU backs Keras' LSTM" is "a GPU is visible" (the layer's own cached check).
@@ -148,32 +179,77 @@ class CompiledPredict:
         last = predict(tail, batch_size=batch_size, verbose=verbose)
         return keras.tree.map_structure(lambda a, b: np.concatenate([a, b[:remainder]]), head, last)
 
-    def _batches_arrays_itself(self) -> bool:
-        """Whether `_predict_array` hands a NumPy array to Keras as its own tf.data pipeline: under TensorFlow's
-        XLA predict (subclasses may widen this)."""
-        return keras.backend.backend() == "tensorflow" and self._compiles_predict_per_shape()
+    def _batches_arrays_itself(self, step: str) -> bool:
+        """Whether `_predict_array` (`step="predict"`) or `_evaluate_array` (`"test"`) hands NumPy arrays to
+        Keras as their own tf.data pipeline: on TensorFlow where that step is XLA-compiled, as the function
+        was built (subclasses may widen this)."""
+        if keras.backend.backend() != "tensorflow":
+            return False
+        if step == "predict":
+            return self._compiles_predict_per_shape()
+        self.make_test_function()  # Keras' own first step of `evaluate`; built once
+        return getattr(self, "_test_compiled", False)
 
     def _predict_array(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         """The next class's `predict` (Keras', keras-hub's). Where `_batches_arrays_itself`, a NumPy array goes
-        in batched by a plain tf.data pipeline with tf.data's autotuning off. With autotuning on, deleting the
-        pipeline's iterator at the end of a call waits for a background thread of tf.data's with both cores
-        idle: S's predict of 112 images on 2 cores took 20.5-20.9 s in 9 of 11 calls through Keras' array
-        pipeline, against 12.0-14.4 s in 10 of 10 this way (`benchmarks/README.md`)."""
+        in batched by a plain tf.data pipeline with tf.data's autotuning off (`_unautotuned_batches`). With
+        autotuning on, deleting the pipeline's iterator at the end of a call waits for a background thread of
+        tf.data's with both cores idle: S's predict of 112 images on 2 cores took 20.5-20.9 s in 9 of 11 calls
+        through Keras' array pipeline, against 12.0-14.4 s in 10 of 10 this way (`benchmarks/README.md`)."""
         if (
             isinstance(x, np.ndarray)
             and steps is None
-            and (batch_size is None or (isinstance(batch_size, int) and batch_size > 0))
-            and self._batches_arrays_itself()
+            and _batch_size_or_default(batch_size)
+            and self._batches_arrays_itself("predict")
         ):
-            import tensorflow as tf
-
-            if x.dtype == np.float64:  # as Keras' array pipeline does
-                x = x.astype(keras.config.floatx())
-            options = tf.data.Options()
-            options.autotune.enabled = False
-            batches = tf.data.Dataset.from_tensor_slices(x).batch(32 if batch_size is None else batch_size)
-            return super().predict(batches.with_options(options), verbose=verbose, callbacks=callbacks)
+            batches = _unautotuned_batches((x,), batch_size)
+            return super().predict(batches, verbose=verbose, callbacks=callbacks)
         return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+
+    def _evaluate_array(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, steps=None,
+                        callbacks=None, return_dict=False, **kwargs):  # fmt: skip
+        """The next class's `evaluate` (Keras', keras-hub's). Where `_batches_arrays_itself`, NumPy images,
+        labels and sample weights of one length go in batched by a plain tf.data pipeline without autotuning,
+        as `_predict_array` does: through Keras' array pipeline 3 of 7 `evaluate` calls of S (64 images) took
+        10.3 s instead of 6.1 s (`benchmarks/README.md`). Anything else (tensors, datasets, `steps`, `fit`'s
+        cached validation data) goes to Keras as given."""
+        given = (x, y, sample_weight)
+        arrays = given[: 3 if sample_weight is not None else 2 if y is not None else 1]
+        if (
+            not kwargs
+            and steps is None
+            and _batch_size_or_default(batch_size)
+            and all(isinstance(array, np.ndarray) for array in arrays)
+            and len({len(array) for array in arrays}) == 1
+            and self._batches_arrays_itself("test")
+        ):
+            batches = _unautotuned_batches(arrays, batch_size)
+            return super().evaluate(batches, verbose=verbose, callbacks=callbacks, return_dict=return_dict)
+        return super().evaluate(x, y, batch_size=batch_size, verbose=verbose, sample_weight=sample_weight,
+                                steps=steps, callbacks=callbacks, return_dict=return_dict, **kwargs)  # fmt: skip
+
+
+def _batch_size_or_default(batch_size) -> bool:
+    """Whether `batch_size` is None (Keras' default, 32) or a positive int: else Keras gets it and says what's wrong."""
+    return batch_size is None or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0)
+
+
+def _unautotuned_batches(arrays: tuple, batch_size):
+    """`arrays` (one NumPy array, or the elements of one sample) in batches of `batch_size` (None: Keras' 32), by
+    a tf.data pipeline with autotuning off; floats other than Keras' floatx cast to it, as Keras' own array
+    pipeline does."""
+    import tensorflow as tf
+
+    floatx = keras.config.floatx()
+    arrays = tuple(
+        array.astype(floatx) if np.issubdtype(array.dtype, np.floating) and array.dtype != floatx else array
+        for array in arrays
+    )
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    elements = arrays[0] if len(arrays) == 1 else arrays
+    batches = tf.data.Dataset.from_tensor_slices(elements).batch(32 if batch_size is None else batch_size)
+    return batches.with_options(options)
 
 
 class SequencerInputs(CompiledPredict):
@@ -258,8 +334,11 @@ class SequencerInputs(CompiledPredict):
         return super().predict_on_batch(x)
 
     def evaluate(self, x=None, *args, **kwargs):
+        """Keras' `evaluate`, with the images checked first and, where its step is XLA-compiled (TensorFlow
+        without a GPU, `make_test_function`), NumPy arrays going in as a tf.data pipeline without autotuning
+        (`_evaluate_array`)."""
         self._check_input(x)
-        return super().evaluate(x, *args, **kwargs)
+        return self._evaluate_array(x, *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
         self.check_images(getattr(inputs, "shape", ()))

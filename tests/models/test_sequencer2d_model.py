@@ -1,4 +1,4 @@
-"""Sequencer2DModel: input checks, XLA predict on CPU TensorFlow, and saving / reloading across backends."""
+"""Sequencer2DModel: input checks, XLA predict and evaluate on CPU TensorFlow, saving / reloading across backends."""
 
 import contextlib
 import io
@@ -126,6 +126,56 @@ def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeyp
         kinds.clear()
         check(x, [65])
         assert kinds == ["array"], kinds
+
+
+def test_evaluate_equals_the_logits_and_uses_xla_on_cpu_tensorflow(monkeypatch, xla_requests):
+    """`evaluate` of NumPy images, labels and sample weights (a partial last batch included) gives the loss and
+    accuracy computed here from the model's direct calls. On CPU-only TensorFlow its step is XLA-compiled
+    (Keras alone would not) and the arrays reach Keras as one tf.data pipeline without autotuning; with
+    `xla_evaluate_on_cpu` off, or on JAX and PyTorch, Keras gets the arrays as given. `fit`'s validation
+    runs through the same step."""
+    model = tiny_model(input_shape=(16, 16, 3))
+    rng = np.random.RandomState(0)
+    x = rng.uniform(0, 255, (10, 16, 16, 3)).astype("float32")
+    y = rng.randint(0, 10, 10)
+    weights = rng.uniform(0.5, 2.0, 10).astype("float32")
+    logits = to_numpy(model(x, training=False)).astype("float64")
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    losses = -log_probs[np.arange(10), y]
+    hits = (logits.argmax(-1) == y).astype("float64")
+    # Keras' per-batch mean of the weighted losses, averaged over batches by size; weighted accuracy.
+    batches = [slice(0, 4), slice(4, 8), slice(8, 10)]
+    loss = sum((losses[b] * weights[b]).mean() * len(losses[b]) for b in batches) / 10
+    accuracy = (hits * weights).sum() / weights.sum()
+
+    kinds, keras_evaluate = [], keras.Model.evaluate
+
+    def recording_evaluate(self, data=None, *args, **kwargs):
+        kinds.append(data.options().autotune.enabled if hasattr(data, "element_spec") else type(data).__name__)
+        return keras_evaluate(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "evaluate", recording_evaluate)
+
+    def check(xla: bool, arrays_batched_here: bool):
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      weighted_metrics=["accuracy"])  # fmt: skip
+        kinds.clear(), xla_requests.clear()
+        got = model.evaluate(x, y, batch_size=4, sample_weight=weights, verbose=0, return_dict=True)
+        np.testing.assert_allclose([got["loss"], got["accuracy"]], [loss, accuracy], rtol=1e-5)
+        assert bool(xla_requests) == xla
+        assert kinds == ([False] if arrays_batched_here else ["ndarray"]), kinds
+
+    tensorflow = BACKEND == "tensorflow"
+    check(xla=tensorflow, arrays_batched_here=tensorflow)
+    assert model.jit_compile == (BACKEND == "jax")  # training keeps Keras' CPU default
+    model.xla_evaluate_on_cpu = False
+    check(xla=False, arrays_batched_here=False)
+    model.xla_evaluate_on_cpu = True
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    xla_requests.clear()
+    model.fit(x, y, batch_size=4, epochs=1, validation_data=(x, y), verbose=0)  # validation: the XLA step
+    assert len(xla_requests) == (1 if tensorflow else 0)  # the test step's, not the training step's
 
 
 _RELOAD = """
