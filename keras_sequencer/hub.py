@@ -223,10 +223,10 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
     with timm's eval transform in front when a preprocessor is set, and the
     same `predict` and `evaluate` (`CompiledPredict`): XLA-compiled on
     TensorFlow without a GPU (`xla_predict_on_cpu`, `predict_on_batch` too;
-    `xla_evaluate_on_cpu`, `fit`'s validation too), a partial last batch
-    of a NumPy array filled up where each batch shape is compiled
-    (TensorFlow's XLA, JAX), and a NumPy array that keras-hub would batch
-    with tf.data batched without tf.data's autotuning.
+    `xla_evaluate_on_cpu`, `test_on_batch` and `fit`'s validation too),
+    for `predict` a partial last batch of a NumPy array filled up where each
+    batch shape is compiled (TensorFlow's XLA, JAX), and NumPy arrays that
+    keras-hub would batch with tf.data batched without tf.data's autotuning.
 
     Example:
     >>> backbone = keras_sequencer.Sequencer2DBackbone(**keras_sequencer.presets.variant_config("s"))
@@ -265,6 +265,7 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
         self._check_raw(x)
         return super().predict_on_batch(x)
 
-    def evaluate(self, x=None, *args, **kwargs):
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        # keras-hub's order of the positional arguments (`PipelineModel.evaluate`), not Keras'.
         self._check_raw(x)
-        return self._evaluate_array(x, *args, **kwargs)
+        return self._evaluate_array(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)

@@ -176,10 +176,10 @@ def test_a_tasks_predict_is_this_packages_compiled_predict(tmp_path, keras_hub, 
 
 
 def test_a_tasks_evaluate_is_this_packages_compiled_evaluate(tmp_path, keras_hub, monkeypatch, xla_requests):
-    """The task's `evaluate` of raw photos and labels gives the loss and accuracy computed here from the network
-    called on the preprocessed photos; it is XLA-compiled on TensorFlow without a GPU (Keras would not) and,
-    where keras-hub would batch the arrays with tf.data (no grain), they reach it batched by a tf.data pipeline
-    without autotuning."""
+    """The task's `evaluate` of raw photos, labels and sample weights (positional, in keras-hub's order) gives
+    the loss and accuracy computed here from the network called on the preprocessed photos; it is XLA-compiled
+    on TensorFlow without a GPU (Keras would not) and, where keras-hub would batch the arrays with tf.data (no
+    grain), they reach it batched by a tf.data pipeline without autotuning."""
     classifier = keras_hub.models.ImageClassifier.from_preset(ks.save_preset(tiny_model(classes=3), tmp_path / "t"))
     classifier.preprocessor.image_size = (32, 32)
     photos = np.stack([photo[:120, :160] for photo in _photos()])[np.arange(10) % len(PHOTOS)]  # raw uint8
@@ -187,9 +187,10 @@ def test_a_tasks_evaluate_is_this_packages_compiled_evaluate(tmp_path, keras_hub
     logits = to_numpy(classifier(classifier.preprocessor(photos), training=False)).astype("float64")
     log_probs = logits - logits.max(-1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-    losses = -log_probs[np.arange(10), labels]
+    weights = np.random.RandomState(0).uniform(0.5, 2.0, 10).astype("float32")
+    losses = -log_probs[np.arange(10), labels] * weights
     loss = sum(losses[b].sum() for b in (slice(0, 4), slice(4, 8), slice(8, 10))) / 10  # batch means, by size
-    accuracy = (logits.argmax(-1) == labels).mean()
+    accuracy = ((logits.argmax(-1) == labels) * weights).sum() / weights.sum()
 
     autotuned, hub_evaluate = [], keras_hub.models.ImageClassifier.evaluate
 
@@ -198,9 +199,11 @@ def test_a_tasks_evaluate_is_this_packages_compiled_evaluate(tmp_path, keras_hub
         return hub_evaluate(self, data, *args, **kwargs)
 
     monkeypatch.setattr(keras_hub.models.ImageClassifier, "evaluate", recording_evaluate)
-    classifier.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    classifier.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       weighted_metrics=["accuracy"])  # fmt: skip
     xla_requests.clear()
-    got = classifier.evaluate(photos, labels, batch_size=4, verbose=0, return_dict=True)
+    # keras-hub's order of the positional arguments: x, y, batch_size, sample_weight
+    got = classifier.evaluate(photos, labels, 4, weights, verbose=0, return_dict=True)
     np.testing.assert_allclose([got["loss"], got["accuracy"]], [loss, accuracy], rtol=1e-5)
     from keras_sequencer import hub
 

@@ -93,13 +93,13 @@ class CompiledPredict:
         """Keras' test function (`evaluate`, and the validation of `fit`); on TensorFlow without a GPU it is
         compiled with XLA, as `predict` is (`make_predict_function`), under the same conditions.
 
-        On a 2-core CPU S's `evaluate` at batch 16 ran 1.37x faster from XLA alone, the demo model's over the
-        10,000 Fashion-MNIST test images 1.48x, the first call about a second slower (benchmarks/README.md,
-        "TensorFlow `evaluate`"). Each new
-        batch shape costs a compilation: a partial last batch is a second one, which within `fit` is paid
-        once. Keras' own metrics and losses compile; one that XLA cannot compile (a `tf.numpy_function`, say)
-        fails at the first call: set `model.xla_evaluate_on_cpu = False` and `compile` again (or
-        `make_test_function(force=True)`).
+        On a 2-core CPU S's `evaluate` of NumPy arrays at batch 16 ran 1.56x faster (about 1.4x from XLA, the
+        rest from `_evaluate_array`), its first call about a second slower; the demo model's over the 10,000
+        Fashion-MNIST test images 1.48x faster, its first call too (benchmarks/README.md, "TensorFlow
+        `evaluate`"). `test_on_batch` uses the same function. Each new batch shape costs a compilation: a
+        partial last batch is a second one, which within `fit` is paid once. Keras' own metrics and losses
+        compile; one that XLA cannot compile (a `tf.numpy_function`, say) fails at the first call: set
+        `model.xla_evaluate_on_cpu = False` and `compile` again (or `make_test_function(force=True)`).
         """
         if self.test_function is not None and not force:
             return self.test_function
@@ -210,16 +210,18 @@ class CompiledPredict:
                         callbacks=None, return_dict=False, **kwargs):  # fmt: skip
         """The next class's `evaluate` (Keras', keras-hub's). Where `_batches_arrays_itself`, NumPy images,
         labels and sample weights of one length go in batched by a plain tf.data pipeline without autotuning,
-        as `_predict_array` does: through Keras' array pipeline 3 of 7 `evaluate` calls of S (64 images) took
-        10.3 s instead of 6.1 s (`benchmarks/README.md`). Anything else (tensors, datasets, `steps`, `fit`'s
-        cached validation data) goes to Keras as given."""
+        as `_predict_array` does: with the XLA step fed by Keras' array pipeline, 3 of 6 `evaluate` calls of S
+        (64 images) took 10.3 s instead of 6.1-6.4 s (`benchmarks/README.md`). Anything else (tensors,
+        datasets, `steps`, `fit`'s cached validation data) goes to Keras as given, and so do arrays where the
+        step is not compiled. On TensorFlow with a GPU Keras compiles it itself (`jit_compile="auto"`), and
+        arrays then come this way too, as they do for `predict`."""
         given = (x, y, sample_weight)
         arrays = given[: 3 if sample_weight is not None else 2 if y is not None else 1]
         if (
             not kwargs
             and steps is None
             and _batch_size_or_default(batch_size)
-            and all(isinstance(array, np.ndarray) for array in arrays)
+            and all(isinstance(array, np.ndarray) and array.ndim > 0 for array in arrays)
             and len({len(array) for array in arrays}) == 1
             and self._batches_arrays_itself("test")
         ):
@@ -241,10 +243,12 @@ def _unautotuned_batches(arrays: tuple, batch_size):
     import tensorflow as tf
 
     floatx = keras.config.floatx()
-    arrays = tuple(
-        array.astype(floatx) if np.issubdtype(array.dtype, np.floating) and array.dtype != floatx else array
-        for array in arrays
-    )
+
+    def cast(array):  # bfloat16 (ml_dtypes) too, which NumPy does not count as floating
+        dtype = keras.backend.standardize_dtype(array.dtype)
+        return array.astype(floatx) if keras.backend.is_float_dtype(dtype) and dtype != floatx else array
+
+    arrays = tuple(cast(array) for array in arrays)
     options = tf.data.Options()
     options.autotune.enabled = False
     elements = arrays[0] if len(arrays) == 1 else arrays
@@ -334,9 +338,9 @@ class SequencerInputs(CompiledPredict):
         return super().predict_on_batch(x)
 
     def evaluate(self, x=None, *args, **kwargs):
-        """Keras' `evaluate`, with the images checked first and, where its step is XLA-compiled (TensorFlow
-        without a GPU, `make_test_function`), NumPy arrays going in as a tf.data pipeline without autotuning
-        (`_evaluate_array`)."""
+        """Keras' `evaluate`, with the images checked first and, where its step is XLA-compiled (by
+        `make_test_function` on TensorFlow without a GPU), NumPy arrays going in as a tf.data pipeline without
+        autotuning (`_evaluate_array`)."""
         self._check_input(x)
         return self._evaluate_array(x, *args, **kwargs)
 
