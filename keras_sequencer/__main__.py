@@ -76,6 +76,25 @@ def _convert(args) -> int:
     return 0
 
 
+# `predict` CLI: images per direct call on TensorFlow (as Keras' `predict` batches by default).
+_DIRECT_BATCH = 32
+
+
+def _classify(model, images):
+    """Class probabilities of the image files of one command. On TensorFlow, direct calls of the model:
+    `predict` would first compile its step with XLA, which pays off over many calls but is most of the
+    time of a command that classifies a few files (S on a 2-core CPU, one image: 5.9 s for the first
+    `predict` against 1.8 s for a direct call; benchmarks/README.md). On JAX a direct call compiles op by op
+    (no faster) and PyTorch runs eagerly either way: they keep `predict`."""
+    import keras
+    import numpy as np
+
+    if keras.backend.backend() != "tensorflow":
+        return model.predict(images, verbose=0)
+    batches = [images[i : i + _DIRECT_BATCH] for i in range(0, len(images), _DIRECT_BATCH)]
+    return np.concatenate([keras.ops.convert_to_numpy(model(batch, training=False)) for batch in batches])
+
+
 def _predict(args) -> int:
     import numpy as np
 
@@ -88,9 +107,7 @@ def _predict(args) -> int:
             raise ValueError(f"Each image must be an image file; {path} is {kind}. Received: {path!r}")
     images = np.stack([load_image(path, size=args.size) for path in args.images])
     model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.weights)
-    for path, row in zip(
-        args.images, ks.decode_predictions(model.predict(images, verbose=0), top=args.top), strict=True
-    ):
+    for path, row in zip(args.images, ks.decode_predictions(_classify(model, images), top=args.top), strict=True):
         print(path)
         for wnid, name, score in row:
             print(f"  {score:7.4f}  {name} ({wnid})")

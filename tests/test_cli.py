@@ -44,6 +44,29 @@ def test_convert_then_predict(tmp_path):
     assert printed == [name for _, name, _ in expected]
 
 
+def test_the_predict_command_calls_the_model_directly_on_tensorflow(monkeypatch):
+    """The `predict` command's probabilities equal `model.predict`'s; on TensorFlow they come from direct calls
+    (no XLA compilation for a few files), in batches of `_DIRECT_BATCH`, elsewhere from `predict`."""
+    import keras
+
+    from keras_sequencer import __main__ as cli
+
+    model = tiny_model(input_shape=(16, 16, 3), classifier_activation="softmax")
+    images = np.random.RandomState(0).uniform(0, 255, (5, 16, 16, 3)).astype("float32")  # as `load_image` gives
+    expected = model.predict(images, verbose=0)
+    direct = keras.backend.backend() == "tensorflow"
+    if direct:
+        monkeypatch.setattr(model, "predict", lambda *args, **kwargs: pytest.fail("predict on TensorFlow"))
+    calls, real_call = [], type(model).__call__
+    monkeypatch.setattr(
+        type(model), "__call__", lambda self, x, **kwargs: calls.append(len(x)) or real_call(self, x, **kwargs)
+    )
+    monkeypatch.setattr(cli, "_DIRECT_BATCH", 2)
+    np.testing.assert_allclose(cli._classify(model, images), expected, rtol=0, atol=1e-6)
+    if direct:
+        assert calls == [2, 2, 1], calls
+
+
 def test_convert_reports_a_wrong_variant(tmp_path):
     from safetensors.numpy import save_file
 
