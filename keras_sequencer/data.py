@@ -276,8 +276,15 @@ def make_dataset(
     shuffle_buffer: int = 10_000,
     seed: int | None = None,
     drop_remainder: bool | None = None,
+    autotune: bool = False,
 ):
     """Batches a `tf.data.Dataset` of `(image, integer label)` for `model.fit` / `evaluate`.
+
+    The parallel steps use every core (`num_parallel_calls=AUTOTUNE` resolves to the core count), and tf.data's
+    autotuning is off unless `autotune=True`: with it, TensorFlow 2.21 deleted the iterator at the end of an
+    epoch by waiting on one of tf.data's background threads, every core idle, for up to ~40 s late in a
+    run. The demo's 15 epochs lost ~190 s that way (5 epochs of ~80 s instead of ~45 s); with autotuning off
+    none stalled and the steps ran as fast (benchmarks/README.md, "Demo: Fashion-MNIST").
 
     Args:
         source: dataset of `(image uint8/float HxWxC, int label)` pairs.
@@ -290,6 +297,7 @@ def make_dataset(
         shuffle_buffer: shuffle buffer size, in images.
         seed: seed of the shuffle and the augmentations.
         drop_remainder: drop the last incomplete batch (default: when training).
+        autotune: tf.data's autotuning of the pipeline (see above).
 
     Returns:
         A prefetched `tf.data.Dataset` of `(float32 images in [0, 255], float32 soft labels)`.
@@ -298,7 +306,8 @@ def make_dataset(
     import tensorflow as tf
 
     augment = augment or Augment()
-    autotune = tf.data.AUTOTUNE
+    tuned = autotune
+    autotune = tf.data.AUTOTUNE  # as a parallelism or buffer size: tuned, or every core when tuning is off
     drop_remainder = training if drop_remainder is None else drop_remainder
 
     if training:
@@ -362,7 +371,9 @@ def make_dataset(
 
         ds = source.map(per_image, num_parallel_calls=autotune)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
-    return ds.prefetch(autotune)
+    options = tf.data.Options()
+    options.autotune.enabled = bool(tuned)
+    return ds.prefetch(autotune).with_options(options)
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None, download: bool = False):

@@ -1,5 +1,6 @@
 """tf.data pipelines: tfds (mock ImageNet), image folders, dataset specs, and the paper's mixing and smoothing."""
 
+import dataclasses
 import os
 
 from conftest import global_dtype_policy, global_image_data_format
@@ -33,6 +34,29 @@ def test_imagenet_pipeline_on_tfds_mock_data():
     assert eval_images.shape == (4, 64, 64, 3)
     np.testing.assert_array_equal(tf.reduce_max(eval_labels, -1), 1.0)
     np.testing.assert_allclose(tf.reduce_sum(eval_labels, -1), 1.0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pipelines_run_without_autotuning_and_give_the_autotuned_batches(training):
+    """`make_dataset` turns tf.data's autotuning off unless asked (its iterators' deletion stalled `fit` at
+    epoch ends) and yields exactly the batches of the autotuned pipeline, parallel steps and all."""
+    rng = np.random.RandomState(0)
+    source = tf.data.Dataset.from_tensor_slices((rng.randint(0, 256, (40, 20, 24, 3)).astype("uint8"),
+                                                 rng.randint(0, 5, 40)))  # fmt: skip
+    # The demo's recipe for training (a seeded shuffle, smoothed labels; random augmentations would differ
+    # between any two pipelines), the evaluation transform otherwise.
+    augment = dataclasses.replace(data.NO_AUGMENT, label_smoothing=0.1)
+    options = dict(num_classes=5, batch_size=8, training=training, image_size=None if training else 16,
+                   augment=augment, seed=3)  # fmt: skip
+    plain = data.make_dataset(source, **options)
+    tuned = data.make_dataset(source, **options, autotune=True)
+    assert plain.options().autotune.enabled is False
+    assert tuned.options().autotune.enabled is True
+    batches = [list(pipeline.as_numpy_iterator()) for pipeline in (plain, tuned)]
+    assert len(batches[0]) == len(batches[1]) == 5
+    for (images, labels), (tuned_images, tuned_labels) in zip(*batches, strict=True):
+        np.testing.assert_array_equal(images, tuned_images)
+        np.testing.assert_array_equal(labels, tuned_labels)
 
 
 def test_smoothing_matches_timm():
