@@ -76,23 +76,21 @@ def _convert(args) -> int:
     return 0
 
 
-# `predict` CLI: images per direct call on TensorFlow (as Keras' `predict` batches by default).
-_DIRECT_BATCH = 32
+# The `predict` command calls the model directly for at most this many files (on CPU-only TensorFlow).
+_DIRECT_AT_MOST = 32
 
 
 def _classify(model, images):
-    """Class probabilities of the image files of one command. On TensorFlow, direct calls of the model:
-    `predict` would first compile its step with XLA, which pays off over many calls but is most of the
-    time of a command that classifies a few files (S on a 2-core CPU, one image: 5.9 s for the first
-    `predict` against 1.8 s for a direct call; benchmarks/README.md). On JAX a direct call compiles op by op
-    (no faster) and PyTorch runs eagerly either way: they keep `predict`."""
+    """Class probabilities of the image files of one command. On CPU-only TensorFlow, where `predict` first
+    compiles its step with XLA (`CompiledPredict`), a few files go through one direct call of the model
+    instead: S on a 2-core CPU, one image: 1.8 s for the first direct call against 5.9 s for the first
+    `predict`, though 1.6 s against 0.1 s for each call after it (benchmarks/README.md). Larger inputs, other
+    backends (JAX compiles a direct call op by op, PyTorch runs eagerly either way) and GPUs keep `predict`."""
     import keras
-    import numpy as np
 
-    if keras.backend.backend() != "tensorflow":
+    if len(images) > _DIRECT_AT_MOST or not getattr(model, "_xla_on_cpu_tensorflow", lambda: False)():
         return model.predict(images, verbose=0)
-    batches = [images[i : i + _DIRECT_BATCH] for i in range(0, len(images), _DIRECT_BATCH)]
-    return np.concatenate([keras.ops.convert_to_numpy(model(batch, training=False)) for batch in batches])
+    return keras.ops.convert_to_numpy(model(images, training=False))
 
 
 def _predict(args) -> int:

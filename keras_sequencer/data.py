@@ -280,11 +280,12 @@ def make_dataset(
 ):
     """Batches a `tf.data.Dataset` of `(image, integer label)` for `model.fit` / `evaluate`.
 
-    The parallel steps use every core (`num_parallel_calls=AUTOTUNE` resolves to the core count), and tf.data's
-    autotuning is off unless `autotune=True`: with it, TensorFlow 2.21 deleted the iterator at the end of an
-    epoch by waiting on one of tf.data's background threads, every core idle, for up to ~40 s late in a
-    run. The demo's 15 epochs lost ~190 s that way (5 epochs of ~80 s instead of ~45 s); with autotuning off
-    none stalled and the steps ran as fast (benchmarks/README.md, "Demo: Fashion-MNIST").
+    tf.data's autotuning is off unless `autotune=True`: with it, TensorFlow 2.21 sometimes deleted the
+    iterator at the end of an epoch by waiting on one of tf.data's background threads, every core idle. The
+    demo's 15 epochs lost ~176 s that way (29-39 s in each of 5 epochs); with autotuning off none stalled and
+    the steps ran as fast (benchmarks/README.md, "Demo: Fashion-MNIST"). Without it the parallel steps
+    (`num_parallel_calls=AUTOTUNE`) run on as many threads as TensorFlow's thread pool has, every core
+    (`initial_parallelism` is set to the core count; TensorFlow's default would stop at 16).
 
     Args:
         source: dataset of `(image uint8/float HxWxC, int label)` pairs.
@@ -373,6 +374,8 @@ def make_dataset(
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
     options = tf.data.Options()
     options.autotune.enabled = bool(tuned)
+    if not tuned:  # what AUTOTUNE parallelism means without tuning: min(this, the thread pool's size)
+        options.autotune.initial_parallelism = max(16, os.cpu_count() or 1)
     return ds.prefetch(autotune).with_options(options)
 
 

@@ -8,7 +8,7 @@ import os
 import platform
 import zipfile
 
-from conftest import TINY, normalise, run_cli, timm_logits, timm_state_dict, tiny_model, to_numpy
+from conftest import BACKEND, TINY, normalise, run_cli, timm_logits, timm_state_dict, tiny_model, to_numpy
 import numpy as np
 import pytest
 
@@ -44,27 +44,32 @@ def test_convert_then_predict(tmp_path):
     assert printed == [name for _, name, _ in expected]
 
 
-def test_the_predict_command_calls_the_model_directly_on_tensorflow(monkeypatch):
-    """The `predict` command's probabilities equal `model.predict`'s; on TensorFlow they come from direct calls
-    (no XLA compilation for a few files), in batches of `_DIRECT_BATCH`, elsewhere from `predict`."""
-    import keras
-
+def test_the_predict_command_calls_the_model_directly_for_a_few_files(monkeypatch):
+    """The `predict` command's probabilities equal `model.predict`'s; on CPU-only TensorFlow (where `predict`
+    compiles with XLA) up to `_DIRECT_AT_MOST` files go through one direct call of the model, more through
+    `predict` (this module runs on TensorFlow)."""
     from keras_sequencer import __main__ as cli
 
     model = tiny_model(input_shape=(16, 16, 3), classifier_activation="softmax")
     images = np.random.RandomState(0).uniform(0, 255, (5, 16, 16, 3)).astype("float32")  # as `load_image` gives
     expected = model.predict(images, verbose=0)
-    direct = keras.backend.backend() == "tensorflow"
-    if direct:
-        monkeypatch.setattr(model, "predict", lambda *args, **kwargs: pytest.fail("predict on TensorFlow"))
-    calls, real_call = [], type(model).__call__
-    monkeypatch.setattr(
-        type(model), "__call__", lambda self, x, **kwargs: calls.append(len(x)) or real_call(self, x, **kwargs)
-    )
-    monkeypatch.setattr(cli, "_DIRECT_BATCH", 2)
-    np.testing.assert_allclose(cli._classify(model, images), expected, rtol=0, atol=1e-6)
-    if direct:
-        assert calls == [2, 2, 1], calls
+    calls, real_call, real_predict = [], type(model).__call__, model.predict
+
+    def recording_call(self, x, **kwargs):
+        calls.append(("call", x.shape[0]))
+        return real_call(self, x, **kwargs)
+
+    def recording_predict(x, **kwargs):
+        calls.append(("predict", len(x)))
+        return real_predict(x, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", recording_call)
+    monkeypatch.setattr(model, "predict", recording_predict)
+    for at_most, way in ((5, "call"), (4, "predict")):
+        monkeypatch.setattr(cli, "_DIRECT_AT_MOST", at_most)
+        calls.clear()
+        np.testing.assert_allclose(cli._classify(model, images), expected, rtol=0, atol=1e-6)
+        assert calls[0] == ((way, 5) if BACKEND == "tensorflow" else ("predict", 5)), calls
 
 
 def test_convert_reports_a_wrong_variant(tmp_path):
