@@ -284,8 +284,9 @@ def make_dataset(
     iterator at the end of an epoch by waiting on one of tf.data's background threads, every core idle. The
     demo's 15 epochs lost ~176 s that way (29-39 s in each of 5 epochs); with autotuning off none stalled and
     the steps ran as fast (benchmarks/README.md, "Demo: Fashion-MNIST"). Without it the parallel steps
-    (`num_parallel_calls=AUTOTUNE`) run on as many threads as TensorFlow's thread pool has, every core
-    (`initial_parallelism` is set to the core count; TensorFlow's default would stop at 16).
+    (`num_parallel_calls=AUTOTUNE`) run on as many threads as TensorFlow's thread pool has, every core:
+    TensorFlow takes the smaller of that and `initial_parallelism`, set here to at least the core count (its
+    default, 16, would cap larger machines).
 
     Args:
         source: dataset of `(image uint8/float HxWxC, int label)` pairs.
