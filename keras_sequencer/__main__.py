@@ -88,7 +88,7 @@ def _classify(model, images):
     backends (JAX compiles a direct call op by op, PyTorch runs eagerly either way) and GPUs keep `predict`."""
     import keras
 
-    if len(images) > _DIRECT_AT_MOST or not getattr(model, "_xla_on_cpu_tensorflow", lambda: False)():
+    if len(images) > _DIRECT_AT_MOST or not model._xla_on_cpu_tensorflow():
         return model.predict(images, verbose=0)
     return keras.ops.convert_to_numpy(model(images, training=False))
 

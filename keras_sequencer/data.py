@@ -308,8 +308,7 @@ def make_dataset(
     import tensorflow as tf
 
     augment = augment or Augment()
-    tuned = autotune
-    autotune = tf.data.AUTOTUNE  # as a parallelism or buffer size: tuned, or every core when tuning is off
+    auto = tf.data.AUTOTUNE  # as a parallelism or buffer size: tuned, or every core when tuning is off
     drop_remainder = training if drop_remainder is None else drop_remainder
 
     if training:
@@ -321,9 +320,9 @@ def make_dataset(
                     random_resized_crop(tf.cast(image, tf.float32), image_size, augment.scale, augment.ratio),
                     label,
                 ),
-                num_parallel_calls=autotune,
+                num_parallel_calls=auto,
             )
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=auto)
         color_ops = []
         if augment.rand_augment > 0:
             color_ops.append(
@@ -362,7 +361,7 @@ def make_dataset(
                 )
             return tf.clip_by_value(images, 0.0, 255.0), targets
 
-        ds = ds.map(per_batch, num_parallel_calls=autotune)
+        ds = ds.map(per_batch, num_parallel_calls=auto)
     else:
 
         def per_image(image, label):
@@ -371,13 +370,13 @@ def make_dataset(
                 image = eval_transform(image, image_size, crop_pct)
             return image, tf.one_hot(label, num_classes)
 
-        ds = source.map(per_image, num_parallel_calls=autotune)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune)
+        ds = source.map(per_image, num_parallel_calls=auto)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=auto)
     options = tf.data.Options()
-    options.autotune.enabled = bool(tuned)
-    if not tuned:  # what AUTOTUNE parallelism means without tuning: min(this, the thread pool's size)
+    options.autotune.enabled = bool(autotune)
+    if not autotune:  # what AUTOTUNE parallelism means without tuning: min(this, the thread pool's size)
         options.autotune.initial_parallelism = max(16, os.cpu_count() or 1)
-    return ds.prefetch(autotune).with_options(options)
+    return ds.prefetch(auto).with_options(options)
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None, download: bool = False):

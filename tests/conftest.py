@@ -202,6 +202,21 @@ def xla_requests(monkeypatch) -> list:
     return requests
 
 
+def evaluated(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """What Keras' `evaluate` reports for sparse cross-entropy from logits and a weighted accuracy, in NumPy:
+    the loss is each batch's mean of the weighted losses (divided by the batch's size, not by its weights),
+    averaged over batches by size; the accuracy is the weighted mean of the hits."""
+    logits = logits.astype("float64")
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    losses = -log_probs[np.arange(len(labels)), labels] * weights
+    batch_means = [losses[i : i + batch_size].mean() for i in range(0, len(labels), batch_size)]
+    sizes = [len(losses[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
+    loss = float(np.dot(batch_means, sizes) / len(labels))
+    accuracy = float(((logits.argmax(-1) == labels) * weights).sum() / weights.sum())
+    return loss, accuracy
+
+
 def normalise(images_uint8: np.ndarray) -> np.ndarray:
     """ImageNet normalisation the way timm's eval transform does it (its constants, written out here)."""
     mean = np.array([0.485, 0.456, 0.406], np.float32)

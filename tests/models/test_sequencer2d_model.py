@@ -4,7 +4,7 @@ import contextlib
 import io
 import json
 
-from conftest import BACKEND, TINY, global_dtype_policy, perturb_weights, run_python, tiny_model, to_numpy
+from conftest import BACKEND, TINY, evaluated, global_dtype_policy, perturb_weights, run_python, tiny_model, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -139,15 +139,7 @@ def test_evaluate_equals_the_logits_and_uses_xla_on_cpu_tensorflow(monkeypatch, 
     x = rng.uniform(0, 255, (10, 16, 16, 3)).astype("float32")
     y = rng.randint(0, 10, 10)
     weights = rng.uniform(0.5, 2.0, 10).astype("float32")
-    logits = to_numpy(model(x, training=False)).astype("float64")
-    log_probs = logits - logits.max(-1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-    losses = -log_probs[np.arange(10), y]
-    hits = (logits.argmax(-1) == y).astype("float64")
-    # Keras' per-batch mean of the weighted losses, averaged over batches by size; weighted accuracy.
-    batches = [slice(0, 4), slice(4, 8), slice(8, 10)]
-    loss = sum((losses[b] * weights[b]).mean() * len(losses[b]) for b in batches) / 10
-    accuracy = (hits * weights).sum() / weights.sum()
+    loss, accuracy = evaluated(to_numpy(model(x, training=False)), y, weights, batch_size=4)
 
     kinds, keras_evaluate = [], keras.Model.evaluate
 
