@@ -6,6 +6,7 @@ weights are converted from the reference timm checkpoints.
 
 from keras_sequencer import layers
 from keras_sequencer.allocator import keep_freed_memory
+from keras_sequencer.compilation_cache import enable_compilation_cache
 from keras_sequencer.convert import convert_state_dict
 from keras_sequencer.imagenet import decode_predictions, preprocess_input
 from keras_sequencer.models import (
@@ -41,6 +42,7 @@ __all__ = [
     "convert_to_preset",
     "create_model",
     "decode_predictions",
+    "enable_compilation_cache",
     "feature_extractor",
     "keep_freed_memory",
     "layers",

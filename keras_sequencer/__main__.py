@@ -93,6 +93,24 @@ def _classify(model, images):
     return keras.ops.convert_to_numpy(model(images, training=False))
 
 
+def _keep_compiled_programs(args) -> None:
+    """On JAX, unless --no-compilation-cache: the programs this command compiles kept on disk for its next run
+    (`compilation_cache.enable_compilation_cache`, in Keras' folder). A folder that cannot be written costs
+    only the speed-up: a warning, and the command runs."""
+    if args.no_compilation_cache:
+        return
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return
+    from keras_sequencer.compilation_cache import enable_compilation_cache
+
+    try:
+        enable_compilation_cache()
+    except ValueError as e:
+        print(f"warning: {e} Compiling as usual (--no-compilation-cache silences this).", file=sys.stderr)
+
+
 def _predict(args) -> int:
     import numpy as np
 
@@ -104,6 +122,7 @@ def _predict(args) -> int:
             kind = "a folder" if os.path.isdir(path) else "not found"
             raise ValueError(f"Each image must be an image file; {path} is {kind}. Received: {path!r}")
     images = np.stack([load_image(path, size=args.size) for path in args.images])
+    _keep_compiled_programs(args)
     model = ks.create_model(f"sequencer2d_{args.variant}", weights=args.weights)
     for path, row in zip(args.images, ks.decode_predictions(_classify(model, images), top=args.top), strict=True):
         print(path)
@@ -116,6 +135,7 @@ def _demo(args) -> int:
     from keras_sequencer.demo import run_demo, run_small_ops_side_by_side
 
     run_small_ops_side_by_side()  # a fresh process: TensorFlow's threads can still be set
+    _keep_compiled_programs(args)
     metrics = run_demo(args.output, epochs=args.epochs, batch_size=args.batch_size, data_dir=args.data_dir,
                        limit=args.limit)  # fmt: skip
     print(f"Fashion-MNIST test accuracy: {metrics['test_accuracy']:.4f} "
@@ -139,6 +159,7 @@ def _keep_freed_memory() -> None:
 def _train(args) -> int:
     if args.keep_freed_memory:  # before anything allocates on another thread
         _keep_freed_memory()
+    _keep_compiled_programs(args)
     from keras_sequencer.checkpointing import save_model
     from keras_sequencer.train import run
 
@@ -286,6 +307,12 @@ def _manifest(args) -> int:
     return 0
 
 
+def _add_compilation_cache_flag(parser) -> None:
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="on JAX: do not keep the compiled programs for the next run (default: kept under "
+                             "$KERAS_HOME/cache/keras_sequencer)")  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keras_sequencer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=_COUNT, default=256)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's package)")
     p.add_argument("--limit", type=_COUNT, default=None, help="use only this many images (quick check)")
+    _add_compilation_cache_flag(p)
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("train", help="train / fine-tune on a tfds dataset or an image folder")
@@ -315,6 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-split", default="validation")
     p.add_argument("--mixed-precision", default=None, choices=["mixed_float16", "mixed_bfloat16"])
     p.add_argument("--devices", type=_COUNT, default=None)
+    _add_compilation_cache_flag(p)
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="Linux with glibc: glibc keeps the memory the process frees for reuse (faster steps on JAX "
                         "and PyTorch; the process holds its peak memory)")  # fmt: skip
@@ -334,6 +363,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=_SIDE, default=IMAGENET_EVAL.input_size,
                    help="centre-crop size (resize to size/crop_pct first)")  # fmt: skip
     p.add_argument("--top", type=_COUNT, default=5)
+    _add_compilation_cache_flag(p)
     p.set_defaults(run=_predict)
 
     p = commands.add_parser("export", help="export a .keras model to TFLite (builtin ops), ONNX or a SavedModel")

@@ -4,6 +4,7 @@ The commands run on the TensorFlow backend (the first pass); the models they
 build are checked on every backend by the models' own tests.
 """
 
+import glob
 import os
 import platform
 import zipfile
@@ -42,6 +43,16 @@ def test_convert_then_predict(tmp_path):
     expected = ks.decode_predictions(timm_logits("s", normalise(cropped)), top=3)[0]
     printed = [line.split()[1] for line in result.stdout.splitlines()[1:]]
     assert printed == [name for _, name, _ in expected]
+
+    # On JAX the command keeps its compiled programs in Keras' folder for its next run, unless told not to.
+    for flags, kept in (([], True), (["--no-compilation-cache"], False)):
+        home = tmp_path / f"home{len(flags)}"
+        result = run_cli("predict", tmp_path / "img.png", "--weights", out, "--top", "3", *flags, backend="jax",
+                         env={"KERAS_HOME": str(home), "JAX_COMPILATION_CACHE_DIR": ""})  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [line.split()[1] for line in result.stdout.splitlines()[1:]] == printed
+        programs = glob.glob(str(home / "cache" / "keras_sequencer" / "jax-*" / "*"))
+        assert bool(programs) is kept, programs
 
 
 def test_the_predict_command_calls_the_model_directly_for_a_few_files(monkeypatch):
