@@ -56,6 +56,9 @@ def _child(args, folder: str | None) -> dict:
     command = [sys.executable, __file__, "--child", folder or "", "--variant", args.variant,
                "--batch-size", str(args.batch_size), "--size", str(args.size)]  # fmt: skip
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for name in ("DIR", "MAX_SIZE"):  # JAX's own cache settings: the "no cache" process has none
+        env.pop(f"JAX_COMPILATION_CACHE_{name}", None)
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"the child process failed:\n{result.stderr[-3000:]}")

@@ -94,21 +94,28 @@ def _classify(model, images):
 
 
 def _keep_compiled_programs(args) -> None:
-    """On JAX, unless --no-compilation-cache: the programs this command compiles kept on disk for its next run
-    (`compilation_cache.enable_compilation_cache`, in Keras' folder). A folder that cannot be written costs
-    only the speed-up: a warning, and the command runs."""
+    """On JAX, unless --no-compilation-cache or JAX's cache is switched off in its own settings: the programs
+    this command compiles kept on disk for its next run (`compilation_cache.enable_compilation_cache`: JAX's
+    configured folder, else one in Keras' folder). A folder that cannot be written costs only the speed-up: a
+    warning, and the command runs."""
     if args.no_compilation_cache:
         return
     import keras
 
     if keras.backend.backend() != "jax":
         return
+    import jax
+
     from keras_sequencer.compilation_cache import enable_compilation_cache
 
+    if not jax.config.jax_enable_compilation_cache:  # JAX_ENABLE_COMPILATION_CACHE=false: the user's choice
+        return
     try:
         enable_compilation_cache()
     except ValueError as e:
-        print(f"warning: {e} Compiling as usual (--no-compilation-cache silences this).", file=sys.stderr)
+        problem = str(e).partition(" Pass a writable folder")[0]  # the advice there is for Python callers
+        print(f"warning: {problem} Compiling as usual; set KERAS_HOME or JAX_COMPILATION_CACHE_DIR to a "
+              "writable folder, or pass --no-compilation-cache.", file=sys.stderr)  # fmt: skip
 
 
 def _predict(args) -> int:
@@ -308,9 +315,12 @@ def _manifest(args) -> int:
 
 
 def _add_compilation_cache_flag(parser) -> None:
-    parser.add_argument("--no-compilation-cache", action="store_true",
-                        help="on JAX: do not keep the compiled programs for the next run (default: kept under "
-                             "$KERAS_HOME/cache/keras_sequencer)")  # fmt: skip
+    parser.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help="on JAX: do not keep the compiled programs for the next run (default: kept in "
+        "JAX_COMPILATION_CACHE_DIR if set, else $KERAS_HOME/cache/keras_sequencer/jax)",
+    )
 
 
 def main(argv=None) -> int:

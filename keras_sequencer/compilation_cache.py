@@ -1,17 +1,16 @@
 """Keeping JAX's compiled programs on disk, so that the next process loads them instead of compiling again.
 
 On JAX every new process compiles with XLA what it runs: the variables' initialisers when a model is built,
-`predict`'s step, `fit`'s training step. For Sequencer2D-S on a 2-core CPU that is most of the first call: in
-fresh processes, building S took 4.1 s, the first `predict_on_batch` at batch 16 6.9 s and the first
-`train_on_batch` 25.8 s; a process that found the same programs on disk took 1.5, 3.6 and 16.1 s
-(`benchmarks/README.md`, "JAX: compiled programs kept on disk"). What is left is Python tracing and the
-lowering JAX needs to look a program up, and the step's own run.
+`predict`'s step, `fit`'s training step. For Sequencer2D-S on a 2-core CPU that is most of the first calls: in
+fresh processes at batch 16, building S took 4.17 s, the first `predict_on_batch` 7.08 s and the first
+`train_on_batch` 25.31 s; a process that found the same programs on disk took 1.52, 3.65 and 16.39 s
+(`benchmarks/README.md`, "JAX: compiled programs kept on disk"). What is left is Python tracing, the lowering
+JAX needs to look a program up, and the step's own run.
 
 JAX has that store built in (its persistent compilation cache); `enable_compilation_cache()` points it at a
-folder and has it keep every program, small ones included. An entry is keyed by the program, the JAX version,
-the device kind and XLA's options, so a changed model, batch shape or JAX version compiles afresh and adds an
-entry; nothing stale is ever run. The default folder also carries a fingerprint of the host CPU, because code
-compiled for one CPU's instruction set may not run on another's (a home folder shared between machines).
+folder and has it keep every program, small ones included. JAX keys an entry by the lowered program, its own
+version, the devices (for a CPU, XLA's target-machine options, which follow the instruction set) and XLA's
+options, so a changed model, batch shape, JAX or CPU compiles afresh and adds an entry; nothing stale runs.
 
 TensorFlow and PyTorch get no such cache here. On CPU-only TensorFlow the XLA compilation is the smaller part
 of `predict`'s first call (7.0 s, 5.8 s with TensorFlow's own `--tf_xla_persistent_cache_directory`, whose
@@ -19,39 +18,22 @@ every load logs a CPU-feature error), the rest being TensorFlow's tracing and gr
 nothing ahead of time.
 """
 
-import hashlib
 import os
-import platform
 
 # Where `enable_compilation_cache()` keeps programs by default, under Keras' base folder.
-CACHE_SUBDIR = os.path.join("cache", "keras_sequencer")
-
-
-def _host_fingerprint() -> str:
-    """A short hash of what decides which machine code runs here: the architecture and, on Linux, the CPU
-    model and its instruction-set flags as the kernel reports them."""
-    parts = [platform.machine(), platform.processor()]
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip()
-                if key in ("model name", "flags", "Features", "CPU part"):
-                    parts.append(line.strip())
-                if not line.strip() and len(parts) > 2:  # the first processor's block is enough
-                    break
-    except OSError:
-        pass  # not Linux: the architecture and processor name above
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+CACHE_SUBDIR = os.path.join("cache", "keras_sequencer", "jax")
+# The default folder's size limit: JAX then evicts the least recently used programs beyond it, and locks the
+# folder while writing, so that processes sharing it never read a half-written program. S's programs at one
+# batch size take about 2 MB.
+DEFAULT_MAX_BYTES = 2**30
 
 
 def default_directory() -> str:
-    """The folder `enable_compilation_cache()` uses when given none:
-    `$KERAS_HOME/cache/keras_sequencer/jax-<JAX version>-<CPU fingerprint>`."""
-    import jax
-
+    """The folder `enable_compilation_cache()` uses when given none and JAX has none configured:
+    `$KERAS_HOME/cache/keras_sequencer/jax`."""
     from keras_sequencer.pretrained import _keras_home
 
-    return os.path.join(_keras_home(), CACHE_SUBDIR, f"jax-{jax.__version__}-{_host_fingerprint()}")
+    return os.path.join(_keras_home(), CACHE_SUBDIR)
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
@@ -59,17 +41,19 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     processes (module docstring). Call it once per process, before building or running models; programs
     compiled before the call are not kept. JAX backend only.
 
-    `directory`: the folder (created if needed). Default: one that JAX is already configured with
-    (`jax_compilation_cache_dir`), else `default_directory()`. Share a folder only between machines with the
-    same CPU. JAX never evicts entries by default; the folder can be deleted at any time.
+    `directory`: the folder (created if needed). Default: the one JAX is already configured with
+    (`JAX_COMPILATION_CACHE_DIR` or `jax_compilation_cache_dir`: used as it is, a remote one included, with
+    JAX's size limit as configured), else `default_directory()`, limited to `DEFAULT_MAX_BYTES` (the least
+    recently used programs are evicted) unless a limit is configured. The folder can be deleted at any time.
 
-    Two of JAX's process-wide settings change: `jax_compilation_cache_dir`, and
-    `jax_persistent_cache_min_compile_time_secs` becomes 0 (JAX's default, 1 s, would skip the initialisers'
-    many small programs, 2.6 s of building S). JAX reports a cache it cannot read or write as a warning and
-    compiles as before.
+    JAX's process-wide settings change: `jax_compilation_cache_dir` when the folder is not the configured
+    one, `jax_compilation_cache_max_size` for the default folder as above, and
+    `jax_persistent_cache_min_compile_time_secs` becomes 0 in every case (JAX's default, 1 s, would skip the
+    initialisers' many small programs: 2.6 of the 4.2 s of building S). JAX reports a folder it cannot read
+    or write as a warning and compiles as before.
 
-    Returns the folder's absolute path. Raises `RuntimeError` on another Keras backend and `ValueError` when
-    the folder cannot be created or written.
+    Returns the folder. Raises `RuntimeError` on another Keras backend or when JAX's cache is switched off
+    (`JAX_ENABLE_COMPILATION_CACHE=false`), and `ValueError` when the folder cannot be created or written.
     """
     import keras
 
@@ -83,10 +67,18 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
+    if not jax.config.jax_enable_compilation_cache:
+        raise RuntimeError(
+            "JAX's compilation cache is switched off in this process (jax_enable_compilation_cache is False, "
+            "e.g. JAX_ENABLE_COMPILATION_CACHE=false), so no compiled program would be kept. Unset that "
+            "setting to keep them."
+        )
     configured = jax.config.jax_compilation_cache_dir
-    if directory is None:
-        directory = configured or default_directory()
-    directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    if directory is None and configured:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        return configured
+    default = directory is None
+    directory = os.path.abspath(os.path.expanduser(os.fspath(default_directory() if default else directory)))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
@@ -99,7 +91,9 @@ def enable_compilation_cache(directory: str | None = None) -> str:
             f"Cannot keep compiled programs in {directory}: the folder is not writable. Pass a writable folder "
             "as enable_compilation_cache(directory=...)."
         )
-    if configured is None or os.path.abspath(os.path.expanduser(configured)) != directory:
+    if default and jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit
+        jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
+    if configured != directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         compilation_cache.reset_cache()  # a cache JAX already opened keeps its folder until it is reset
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -225,8 +225,10 @@ def normalise(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def run_subprocess(args, backend: str = BACKEND, env: dict | None = None, timeout: int = 900):
-    """Runs `args` (after the Python interpreter) in a fresh process on `backend`; returns the CompletedProcess."""
+    """Runs `args` (after the Python interpreter) in a fresh process on `backend`; returns the CompletedProcess.
+    A variable of `env` given as None is removed from the process' environment."""
     full_env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    full_env = {name: value for name, value in full_env.items() if value is not None}
     return subprocess.run(
         [sys.executable, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
     )

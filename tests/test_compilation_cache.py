@@ -44,26 +44,32 @@ print(json.dumps({"folder": folder, "hits": events["cache_hits"], "misses": even
 )
 
 
+# JAX's own cache settings, which the test suite's runner sets for its processes: removed for a fresh process.
+_NO_JAX_CACHE_SETTINGS = dict.fromkeys(
+    ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+)
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="the cache keeps JAX's programs; other backends refuse it (below)")
 def test_a_second_process_loads_the_first_ones_programs_and_computes_the_same(tmp_path):
     """The first process compiles and keeps its programs in Keras' folder. The second, whose JAX is already
     configured with that folder (and whose Keras folder is elsewhere), keeps to it, finds every program there
     and compiles nothing. Both give exactly the outputs, loss and trained outputs of this process, which
-    compiles without the cache."""
+    compiles them without that folder."""
 
     def run(env):
-        return json.loads(run_python(_PROCESS, backend="jax", env=env).splitlines()[-1])
+        return json.loads(run_python(_PROCESS, backend="jax", env={**_NO_JAX_CACHE_SETTINGS, **env}).splitlines()[-1])
 
-    first = run({"KERAS_HOME": str(tmp_path / "home"), "JAX_COMPILATION_CACHE_DIR": ""})  # "": not configured
-    folders = glob.glob(str(tmp_path / "home" / "cache" / "keras_sequencer" / "jax-*"))
-    assert folders == [first["folder"]], (first["folder"], folders)
+    first = run({"KERAS_HOME": str(tmp_path / "home")})
+    assert first["folder"] == str(tmp_path / "home" / "cache" / "keras_sequencer" / "jax"), first["folder"]
     second = run({"KERAS_HOME": str(tmp_path / "elsewhere"), "JAX_COMPILATION_CACHE_DIR": first["folder"]})
     assert second["folder"] == first["folder"] and not (tmp_path / "elsewhere" / "cache").exists(), second["folder"]
     namespace = {}
     exec(_RUN_TINY_MODEL, namespace)
-    uncached = namespace["run_tiny_model"]()  # in this process: no cache of this test's
+    uncached = namespace["run_tiny_model"]()
 
-    assert first["misses"] > 0 and len(os.listdir(first["folder"])) == first["misses"], first
+    kept = glob.glob(os.path.join(first["folder"], "*-cache"))  # (beside them: JAX's access times and lock)
+    assert first["misses"] > 0 and len(kept) == first["misses"], first
     # (a program compiled twice in one process is a hit the second time, in the first process too)
     assert second["misses"] == 0 and second["hits"] == first["hits"] + first["misses"], second
     for result in (first, second):
@@ -72,23 +78,42 @@ def test_a_second_process_loads_the_first_ones_programs_and_computes_the_same(tm
     assert not np.allclose(uncached["before"], uncached["after"])  # the step trained
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="on JAX the cache works (the test above)")
+@pytest.mark.skipif(BACKEND == "jax", reason="on JAX the cache works (the tests around)")
 def test_other_backends_refuse_the_cache_and_say_why():
     with pytest.raises(RuntimeError, match=f"keeps JAX's compiled programs; the Keras backend here is '{BACKEND}'"):
         ks.enable_compilation_cache()
 
 
 @pytest.mark.backend_agnostic
-def test_a_folder_that_cannot_be_written_is_a_clear_error(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
+def test_a_folder_given_after_compiling_elsewhere_takes_over_and_mistakes_are_clear(tmp_path):
+    """A process whose JAX already compiled into its configured folder keeps the programs compiled after the
+    call in the folder given; a folder that cannot be made, and JAX's cache switched off, are clear errors."""
+    configured, given, blocked = (str(tmp_path / name) for name in ("configured", "given", "file/cache"))
     code = f"""
+import os
+import jax, jax.numpy as jnp
 import keras_sequencer as ks
-try:
-    ks.enable_compilation_cache({str(blocker / "cache")!r})
-except ValueError as e:
-    print(e)
+
+jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(5)).block_until_ready()
+before = set(os.listdir({configured!r}))
+print(ks.enable_compilation_cache({given!r}))
+jax.jit(lambda x: x * 5.0 - 2.0)(jnp.ones(7)).block_until_ready()
+print(len(before), len(set(os.listdir({configured!r})) - before), len(os.listdir({given!r})))
+for folder in ({blocked!r}, None):
+    if folder is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        ks.enable_compilation_cache(folder)
+    except (ValueError, RuntimeError) as e:
+        print(type(e).__name__, e)
 """
-    message = run_python(code, backend="jax").strip().splitlines()[-1]
-    assert message.startswith(f"Cannot keep compiled programs in {blocker / 'cache'}: "), message
-    assert "Pass a writable folder" in message, message
+    (tmp_path / "file").write_text("")
+    env = {**_NO_JAX_CACHE_SETTINGS, "JAX_COMPILATION_CACHE_DIR": configured,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+    lines = run_python(code, backend="jax", env=env).strip().splitlines()[-4:]
+    assert lines[0] == given, lines
+    kept_before, kept_after_elsewhere, kept_given = map(int, lines[1].split())
+    assert kept_before > 0 and kept_after_elsewhere == 0 and kept_given > 0, lines
+    assert lines[2].startswith(f"ValueError Cannot keep compiled programs in {blocked}: "), lines
+    assert "Pass a writable folder" in lines[2], lines
+    assert lines[3].startswith("RuntimeError JAX's compilation cache is switched off in this process"), lines
