@@ -106,14 +106,14 @@ def _keep_compiled_programs(args) -> None:
         return
     import jax
 
-    from keras_sequencer.compilation_cache import enable_compilation_cache
+    from keras_sequencer.compilation_cache import WRITABLE_FOLDER_ADVICE, enable_compilation_cache
 
     if not jax.config.jax_enable_compilation_cache:  # JAX_ENABLE_COMPILATION_CACHE=false: the user's choice
         return
     try:
         enable_compilation_cache()
     except ValueError as e:
-        problem = str(e).partition(" Pass a writable folder")[0]  # the advice there is for Python callers
+        problem = str(e).replace(WRITABLE_FOLDER_ADVICE, "")  # that advice is for Python callers
         print(f"warning: {problem} Compiling as usual; set KERAS_HOME or JAX_COMPILATION_CACHE_DIR to a "
               "writable folder, or pass --no-compilation-cache.", file=sys.stderr)  # fmt: skip
 
@@ -319,7 +319,8 @@ def _add_compilation_cache_flag(parser) -> None:
         "--no-compilation-cache",
         action="store_true",
         help="on JAX: do not keep the compiled programs for the next run (default: kept in "
-        "JAX_COMPILATION_CACHE_DIR if set, else $KERAS_HOME/cache/keras_sequencer/jax)",
+        "$KERAS_HOME/cache/keras_sequencer/jax; a JAX_COMPILATION_CACHE_DIR of JAX's own is used instead, and "
+        "stays in use with this flag, for the programs JAX itself keeps)",
     )
 
 

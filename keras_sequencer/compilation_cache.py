@@ -22,10 +22,8 @@ import os
 
 # Where `enable_compilation_cache()` keeps programs by default, under Keras' base folder.
 CACHE_SUBDIR = os.path.join("cache", "keras_sequencer", "jax")
-# The default folder's size limit: JAX then evicts the least recently used programs beyond it, and locks the
-# folder while writing, so that processes sharing it never read a half-written program. S's programs at one
-# batch size take about 2 MB.
-DEFAULT_MAX_BYTES = 2**30
+# The advice that ends the `ValueError` for a folder that cannot be used (the command line gives its own).
+WRITABLE_FOLDER_ADVICE = " Pass a writable folder as enable_compilation_cache(directory=...)."
 
 
 def default_directory() -> str:
@@ -41,16 +39,16 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     processes (module docstring). Call it once per process, before building or running models; programs
     compiled before the call are not kept. JAX backend only.
 
-    `directory`: the folder (created if needed). Default: the one JAX is already configured with
-    (`JAX_COMPILATION_CACHE_DIR` or `jax_compilation_cache_dir`: used as it is, a remote one included, with
-    JAX's size limit as configured), else `default_directory()`, limited to `DEFAULT_MAX_BYTES` (the least
-    recently used programs are evicted) unless a limit is configured. The folder can be deleted at any time.
+    `directory`: the folder (created if needed; a remote one such as `gs://...` is passed to JAX as it is).
+    Default: the one JAX is already configured with (`JAX_COMPILATION_CACHE_DIR` or
+    `jax_compilation_cache_dir`, used as it is), else `default_directory()`. JAX's size limit stays as
+    configured (by default none: S's programs at one batch size take about 2 MB); the folder can be deleted at
+    any time.
 
     JAX's process-wide settings change: `jax_compilation_cache_dir` when the folder is not the configured
-    one, `jax_compilation_cache_max_size` for the default folder as above, and
-    `jax_persistent_cache_min_compile_time_secs` becomes 0 in every case (JAX's default, 1 s, would skip the
-    initialisers' many small programs: 2.6 of the 4.2 s of building S). JAX reports a folder it cannot read
-    or write as a warning and compiles as before.
+    one, and `jax_persistent_cache_min_compile_time_secs` becomes 0 in every case (JAX's default, 1 s, would
+    skip the initialisers' many small programs: 2.6 of the 4.2 s of building S). JAX reports a folder it
+    cannot read or write, or an entry another process is still writing, as a warning and compiles as before.
 
     Returns the folder. Raises `RuntimeError` on another Keras backend or when JAX's cache is switched off
     (`JAX_ENABLE_COMPILATION_CACHE=false`), and `ValueError` when the folder cannot be created or written.
@@ -77,22 +75,19 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     if directory is None and configured:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         return configured
-    default = directory is None
-    directory = os.path.abspath(os.path.expanduser(os.fspath(default_directory() if default else directory)))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise ValueError(
-            f"Cannot keep compiled programs in {directory}: {e.strerror}. Pass a writable folder as "
-            "enable_compilation_cache(directory=...)."
-        ) from e
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"Cannot keep compiled programs in {directory}: the folder is not writable. Pass a writable folder "
-            "as enable_compilation_cache(directory=...)."
-        )
-    if default and jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit
-        jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
+    directory = os.fspath(default_directory() if directory is None else directory)
+    if "://" not in directory:  # a local folder: made here, so that a mistake is an error now
+        directory = os.path.abspath(os.path.expanduser(directory))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"Cannot keep compiled programs in {directory}: {e.strerror}.{WRITABLE_FOLDER_ADVICE}"
+            ) from e
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"Cannot keep compiled programs in {directory}: the folder is not writable.{WRITABLE_FOLDER_ADVICE}"
+            )
     if configured != directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         compilation_cache.reset_cache()  # a cache JAX already opened keeps its folder until it is reset
