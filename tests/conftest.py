@@ -224,6 +224,14 @@ def normalise(images_uint8: np.ndarray) -> np.ndarray:
     return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
 
+# JAX's own compilation-cache settings (scripts/test.sh sets some for the whole run), each given as None: as `env`
+# of `run_subprocess`, a fresh process with JAX's defaults, as a user's would start.
+NO_JAX_CACHE_SETTINGS = dict.fromkeys(
+    ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+     "JAX_ENABLE_COMPILATION_CACHE")
+)  # fmt: skip
+
+
 def run_subprocess(args, backend: str = BACKEND, env: dict | None = None, timeout: int = 900):
     """Runs `args` (after the Python interpreter) in a fresh process on `backend`; returns the CompletedProcess.
     A variable of `env` given as None is removed from the process' environment."""

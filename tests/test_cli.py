@@ -9,7 +9,17 @@ import os
 import platform
 import zipfile
 
-from conftest import BACKEND, TINY, normalise, run_cli, timm_logits, timm_state_dict, tiny_model, to_numpy
+from conftest import (
+    BACKEND,
+    NO_JAX_CACHE_SETTINGS,
+    TINY,
+    normalise,
+    run_cli,
+    timm_logits,
+    timm_state_dict,
+    tiny_model,
+    to_numpy,
+)
 import numpy as np
 import pytest
 
@@ -48,7 +58,7 @@ def test_convert_then_predict(tmp_path):
     for flags, kept in (([], True), (["--no-compilation-cache"], False)):
         home = tmp_path / f"home{len(flags)}"
         result = run_cli("predict", tmp_path / "img.png", "--weights", out, "--top", "3", *flags, backend="jax",
-                         env={"KERAS_HOME": str(home), "JAX_COMPILATION_CACHE_DIR": None})  # fmt: skip
+                         env={"KERAS_HOME": str(home), **NO_JAX_CACHE_SETTINGS})  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         assert [line.split()[1] for line in result.stdout.splitlines()[1:]] == printed
         programs = glob.glob(str(home / "cache" / "keras_sequencer" / "jax" / "*-cache"))

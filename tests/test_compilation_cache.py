@@ -4,14 +4,15 @@ import glob
 import json
 import os
 
-from conftest import BACKEND, TINY, run_python
+from conftest import BACKEND, NO_JAX_CACHE_SETTINGS, TINY, run_python
 import numpy as np
 import pytest
 
 import keras_sequencer as ks
 
 # Builds the tiny model from a seed and runs `predict_on_batch`, one `train_on_batch` and `predict_on_batch` again:
-# run by this process (no cache) and by fresh ones (conftest, which imports PyTorch, stays out of those).
+# run by this process (without the folder under test) and by fresh ones (conftest, which imports PyTorch, stays
+# out of those).
 _RUN_TINY_MODEL = f"""
 import keras, numpy as np
 import keras_sequencer as ks
@@ -44,13 +45,6 @@ print(json.dumps({"folder": folder, "hits": events["cache_hits"], "misses": even
 )
 
 
-# JAX's own cache settings, which the test suite's runner sets for its processes: removed for a fresh process.
-_NO_JAX_CACHE_SETTINGS = dict.fromkeys(
-    ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-     "JAX_ENABLE_COMPILATION_CACHE")
-)  # fmt: skip
-
-
 @pytest.mark.skipif(BACKEND != "jax", reason="the cache keeps JAX's programs; other backends refuse it (below)")
 def test_a_second_process_loads_the_first_ones_programs_and_computes_the_same(tmp_path):
     """The first process compiles and keeps its programs in Keras' folder. The second, whose JAX is already
@@ -59,7 +53,7 @@ def test_a_second_process_loads_the_first_ones_programs_and_computes_the_same(tm
     compiles them without that folder."""
 
     def run(env):
-        return json.loads(run_python(_PROCESS, backend="jax", env={**_NO_JAX_CACHE_SETTINGS, **env}).splitlines()[-1])
+        return json.loads(run_python(_PROCESS, backend="jax", env={**NO_JAX_CACHE_SETTINGS, **env}).splitlines()[-1])
 
     first = run({"KERAS_HOME": str(tmp_path / "home")})
     assert first["folder"] == str(tmp_path / "home" / "cache" / "keras_sequencer" / "jax"), first["folder"]
@@ -111,7 +105,7 @@ for folder in ({blocked!r}, None):
         print(type(e).__name__, e)
 """
     (tmp_path / "file").write_text("")
-    env = {**_NO_JAX_CACHE_SETTINGS, "JAX_COMPILATION_CACHE_DIR": configured}
+    env = {**NO_JAX_CACHE_SETTINGS, "JAX_COMPILATION_CACHE_DIR": configured}
     lines = run_python(code, backend="jax", env=env).strip().splitlines()[-4:]
     assert lines[0] == given, lines
     kept_before, kept_after_elsewhere, kept_given = map(int, lines[1].split())
