@@ -34,8 +34,9 @@ class BiLSTM2D(keras.layers.Layer):
       matmul per step; `"unrolled"` and `"scan"` name its two step loops
       (`"fused"` takes the scan for inference on TensorFlow, where XLA
       compiles it faster). On TensorFlow and JAX `"scan"` has a hand-written
-      gradient: its training graph builds in about half the time, its steps
-      run slower on a CPU. Needs the height and width when the model is
+      gradient: its training graph builds in about half the time; on a CPU
+      its steps run as fast on JAX and slower on TensorFlow. Needs the
+      height and width when the model is
       traced (a fixed `input_shape`, or eager calls).
     - `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`), PyTorch backend
       only.
@@ -45,8 +46,8 @@ class BiLSTM2D(keras.layers.Layer):
     - `"auto"` (default): `"torch"` on the PyTorch backend; elsewhere the
       fused recurrence for inference when the size is known and no GPU backs
       Keras' LSTM; for training `"tensorflow"` on TensorFlow without a GPU,
-      in float32 and outside XLA (its graph builds fastest), the scan on a
-      JAX GPU or TPU, else `"keras"` (cuDNN on GPUs).
+      in float32 and outside XLA (its graph builds fastest), the scan on
+      JAX when the size is known, else `"keras"` (cuDNN on GPUs).
       `keras_sequencer.layers.token_mixing` holds every path and the rule;
       benchmarks/README.md the measurements behind it.
 

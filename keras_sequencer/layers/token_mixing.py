@@ -15,7 +15,8 @@ on each of them:
 - `"scan"`: the same recurrence in one loop. On TensorFlow and JAX it has a
   hand-written backward pass (`mix_scan_trainable`): it trains, under XLA
   too, and builds its training graph in about half the time of the Keras
-  LSTMs, but steps slower on a CPU; TensorFlow inference (`training=False`)
+  LSTMs; it steps as fast on a JAX CPU (what "auto" trains through on JAX)
+  and slower on a TensorFlow CPU; TensorFlow inference (`training=False`)
   keeps the projected `ops.scan`, which XLA compiles fast. On PyTorch it is
   the projected `ops.scan`.
 - `"torch"`: PyTorch's own LSTM kernel (`torch.lstm`: a C++ loop on a CPU,
@@ -142,13 +143,14 @@ def choose_path(implementation: str, standard: bool, static: bool, training, com
     and training); elsewhere the fused recurrence for inference when the
     height and width are known and no GPU backs Keras' LSTM (`"scan"` on
     TensorFlow, `"unrolled"` on JAX); for training at a known size `"scan"`
-    on JAX with a GPU or TPU (one loop of batched matmuls for all four
-    directions, its own backward pass: 2.9x Keras' LSTM per step of S on an
-    H200); for training in float32 on TensorFlow without a GPU `"tensorflow"`,
+    on JAX (one loop of batched matmuls for all four directions, its own
+    backward pass: 2.9x Keras' LSTM per step of S on an H200; on a CPU as
+    fast per step, its first step ~8 s sooner and ~0.4 GiB lower at its
+    peak); for training in float32 on TensorFlow without a GPU `"tensorflow"`,
     unless XLA compiles the call (S's first training step in less than half
     the time, steps as fast; the kernel computes in float32, so 16-bit
-    policies keep Keras' layers); and `"keras"` otherwise (cuDNN on GPUs; on
-    a JAX CPU Keras' LSTM loop trains faster than either fused form). Inference graphs keep
+    policies keep Keras' layers); and `"keras"` otherwise (cuDNN on GPUs).
+    Inference graphs keep
     standard TensorFlow ops (TFLite and ONNX converters take them; they have
     no counterpart of TensorFlow's LSTM op), and XLA `predict` beat it.
     benchmarks/README.md has the measurements behind each choice.
@@ -170,7 +172,7 @@ def choose_path(implementation: str, standard: bool, static: bool, training, com
         return "torch"
     if static and not training and not gpu_backs_keras_lstm():
         return "scan" if tensorflow and training is False else "unrolled"
-    if static and training and jax_on_accelerator():
+    if static and training and keras.backend.backend() == "jax":
         return "scan"
     if tensorflow and training and compute_dtype == "float32" and not gpu_backs_keras_lstm() and not in_xla_context():
         return "tensorflow"
@@ -380,7 +382,9 @@ def mix_scan_trainable(layer, x):
     whole map), and advances all directions with one batched matmul each for
     the input and the state. The backward pass is one reverse loop of
     elementwise work and one batched matmul per step; the gradients of the
-    weights and of the input are batched matmuls over all steps afterwards.
+    weights and of the input are batched matmuls over all steps afterwards,
+    or, on JAX on a CPU, products formed step by step inside that loop
+    (`_weight_gradients_per_step`).
     Automatic differentiation would instead build the gradient of a loop
     (TensorFlow: stacks of every intermediate, slow to build and to run) or of
     Keras' four loops per block. Gradients equal automatic differentiation
@@ -480,17 +484,69 @@ def _bilstm_loop(sequences, kernel, recurrent, bias):
             )
             return ops.matmul(d_z, recurrent_t), d_c * f, d_z
 
-        _, _, d_z = _accumulate(step, (zeros, zeros, ops.zeros_like(gates[0])),
-                                (d_states, states_c, previous_c, gates), reverse=True)  # fmt: skip
         steps, directions, _, channels = steps_inputs.shape
-        d_steps = ops.reshape(ops.einsum("tdng,dcg->tdnc", d_z, kernel), (steps, directions // 2, 2, -1, channels))
+        if _weight_gradients_per_step():
+            d_steps, d_kernel, d_recurrent, d_bias = _jax_gradients_per_step(
+                step, zeros, gates, (d_states, states_c, previous_c), steps_inputs, previous_h, kernel
+            )
+        else:
+            _, _, d_z = _accumulate(step, (zeros, zeros, ops.zeros_like(gates[0])),
+                                    (d_states, states_c, previous_c, gates), reverse=True)  # fmt: skip
+            d_steps = ops.einsum("tdng,dcg->tdnc", d_z, kernel)
+            d_kernel = ops.einsum("tdnc,tdng->dcg", steps_inputs, d_z)
+            d_recurrent = ops.einsum("tdnu,tdng->dug", previous_h, d_z)
+            d_bias = ops.sum(d_z, axis=(0, 2))
+        d_steps = ops.reshape(d_steps, (steps, directions // 2, 2, -1, channels))
         d_sequences = d_steps[:, :, 0] + ops.flip(d_steps[:, :, 1], 0)
-        d_kernel = ops.einsum("tdnc,tdng->dcg", steps_inputs, d_z)
-        d_recurrent = ops.einsum("tdnu,tdng->dug", previous_h, d_z)
-        d_bias = ops.sum(d_z, axis=(0, 2))
         return d_sequences, d_kernel, d_recurrent, d_bias
 
     return _in_sequence_order(states_h), gradient
+
+
+def _weight_gradients_per_step() -> bool:
+    """Whether `_bilstm_loop`'s backward pass computes the input's and the weights' gradients step by step.
+
+    On JAX on a CPU: there the batched matmuls over all steps afterwards (`einsum`s contracting the steps and
+    the sequences) made XLA:CPU copy both operands of every map into another layout first; per step the same
+    products stay cache-sized. Elsewhere (TensorFlow, GPUs and TPUs) the batched form stays: fewer, larger
+    matmuls, and no extra matmuls inside the loop.
+    """
+    return keras.backend.backend() == "jax" and not jax_on_accelerator()
+
+
+def _jax_gradients_per_step(step, zeros, gates, xs, steps_inputs, previous_h, kernel):
+    """`_bilstm_loop`'s backward loop with the products of each step's `d_z` done inside it (JAX only).
+
+    `step` is the backward step of the gate gradients, `xs` its per-step inputs before the gates. Returns the
+    gradient of every step's input `(T, D, N, C)` and the gradients of `kernel`, `recurrent` and `bias`,
+    summed over the steps in float32 (also under 16-bit policies) and returned in the weights' dtype.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    kernel_t = jnp.swapaxes(kernel, 1, 2)  # (D, 4u, C)
+
+    def reverse_step(carry, inputs):
+        recurrence, d_kernel, d_recurrent, d_bias = carry
+        *recurrent_inputs, x_t, previous_h_t = inputs
+        d_h, d_c, d_z = step((*recurrence, None), recurrent_inputs)
+        d_kernel += jnp.einsum("dnc,dng->dcg", x_t, d_z, preferred_element_type=jnp.float32)
+        d_recurrent += jnp.einsum("dnu,dng->dug", previous_h_t, d_z, preferred_element_type=jnp.float32)
+        d_bias += jnp.sum(d_z, axis=1, dtype=jnp.float32)
+        return ((d_h, d_c), d_kernel, d_recurrent, d_bias), jnp.matmul(d_z, kernel_t)
+
+    directions, units = previous_h.shape[1], previous_h.shape[-1]
+    channels, gate_width = kernel.shape[1:]
+    initial = (
+        (zeros, zeros),
+        jnp.zeros((directions, channels, gate_width), jnp.float32),
+        jnp.zeros((directions, units, gate_width), jnp.float32),
+        jnp.zeros((directions, gate_width), jnp.float32),
+    )
+    (_, d_kernel, d_recurrent, d_bias), d_steps = jax.lax.scan(
+        reverse_step, initial, (*xs, gates, steps_inputs, previous_h), reverse=True
+    )
+    return d_steps, d_kernel.astype(kernel.dtype), d_recurrent.astype(kernel.dtype), d_bias.astype(kernel.dtype)
 
 
 def _trainable_scan(layer, training) -> bool:

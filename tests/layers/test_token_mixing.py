@@ -51,14 +51,14 @@ def test_use_path_overrides_the_implementation_and_keeps_ablations_on_keras(monk
 
 @pytest.mark.skipif(
     BACKEND != "jax",
-    reason="the accelerator rule for training is JAX's; PyTorch trains on "
+    reason="the scan rule for training is JAX's; PyTorch trains on "
     "torch.lstm and TensorFlow on its own LSTM paths whatever the device",
 )
 @pytest.mark.parametrize("default_backend", ["cpu", "gpu", "tpu"])
-def test_auto_trains_through_the_scan_on_a_jax_accelerator(monkeypatch, default_backend):
-    """On JAX, "auto" trains through the hand-written scan when JAX's default device is a GPU or TPU, and
-    through Keras' LSTM layers on a CPU; inference keeps the unrolled steps either way. What it computes is
-    the Keras layers' result whatever the choice."""
+def test_auto_trains_through_the_scan_on_jax(monkeypatch, default_backend):
+    """On JAX, "auto" trains through the hand-written scan whatever JAX's default device, and its backward
+    pass forms the weights' gradients step by step on a CPU only; inference keeps the unrolled steps. What it
+    computes is the Keras layers' result whatever the choice."""
     import jax
 
     with monkeypatch.context() as patch:  # only while asking: Keras' own LSTM asks JAX too (cuDNN on a GPU)
@@ -76,7 +76,8 @@ def test_auto_trains_through_the_scan_on_a_jax_accelerator(monkeypatch, default_
     ran.clear()
     trained = to_numpy(token_mixing.mix(layer, x, training=True))
     inferred = to_numpy(token_mixing.mix(layer, x, training=False))
-    assert ran == ["mix_keras" if default_backend == "cpu" else "mix_scan_trainable", "mix_fused"]
+    assert ran == ["mix_scan_trainable", "mix_fused"]
+    assert token_mixing._weight_gradients_per_step() == (default_backend == "cpu")
     np.testing.assert_allclose(trained, expected, atol=2e-6)
     np.testing.assert_allclose(inferred, expected, atol=2e-6)
 
@@ -230,16 +231,24 @@ def test_export_paths_compute_the_lstm_on_tensorflow_only(path):
             np.testing.assert_allclose(to_numpy(token_mixing.mix(layer, x)), expected, atol=2e-6, err_msg=str(shape))
 
 
-@pytest.mark.parametrize("implementation", ["scan", "keras", "auto"])
+@pytest.mark.parametrize("implementation", ["scan", "scan_batched_gradients", "keras", "auto"])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 6), (1, 3, 5, 6)], ids=["square", "non-square"])
-def test_training_path_gradients_equal_timms(shape, implementation):
+def test_training_path_gradients_equal_timms(shape, implementation, monkeypatch):
     """The training paths' gradients equal PyTorch autograd through timm's LSTM2d, with respect to the input and
     to every LSTM and projection weight: the `"scan"` path (hand-written on TensorFlow and JAX) on square maps
     (all four directions in one loop) and non-square ones (two pairs), the `"keras"` path (on TensorFlow
     these short sequences run unrolled), and what "auto" trains through (TensorFlow's LSTM kernel with its
-    gradient op on TensorFlow, torch.lstm on PyTorch)."""
+    gradient op on TensorFlow, torch.lstm on PyTorch). On JAX on a CPU the scan's backward pass forms the
+    weights' gradients step by step; `scan_batched_gradients` checks the batched form that JAX keeps on GPUs
+    and TPUs."""
     from timm.models.sequencer import LSTM2d
     import torch
+
+    if implementation == "scan_batched_gradients":
+        if not token_mixing._weight_gradients_per_step():
+            pytest.skip("only JAX on a CPU forms the scan's weight gradients step by step; `scan` checks this form")
+        monkeypatch.setattr(token_mixing, "_weight_gradients_per_step", lambda: False)
+        implementation = "scan"
 
     torch.manual_seed(0)
     module = LSTM2d(shape[-1], 3)
