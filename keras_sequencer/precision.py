@@ -24,14 +24,11 @@ import keras
 __all__ = ["PrecisionWarning", "slower_than_float32_reason", "warn_if_slower_than_float32"]
 
 _NATIVE = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
-# Why each backend was measured slower in float16 than in float32 on an x86 CPU with AVX512-FP16.
+# Per backend, what ran float16 slower than float32 on an x86 CPU with AVX512-FP16, and how fast S trained.
 _FLOAT16_SLOW = {
-    "tensorflow": "TensorFlow's CPU kernels run float16 slower than float32 even on CPUs with AVX512-FP16 "
-    "(Sequencer2D-S trained at about a third of float32's speed)",
-    "torch": "PyTorch's CPU kernels run float16 slower than float32 even on CPUs with AVX512-FP16 "
-    "(Sequencer2D-S trained at about a third of float32's speed)",
-    "jax": "XLA on a CPU runs float16 slower than float32 even on CPUs with AVX512-FP16 "
-    "(Sequencer2D-S trained at three quarters of float32's speed)",
+    "tensorflow": ("TensorFlow's CPU kernels run", "about a third of"),
+    "torch": ("PyTorch's CPU kernels run", "about a third of"),
+    "jax": ("XLA on a CPU runs", "three quarters of"),
 }
 _warned: set[str] = set()
 
@@ -102,8 +99,12 @@ def slower_than_float32_reason(
         return f"this CPU has neither {first} nor {second}, the instructions that make {compute_dtype} math fast"
     if compute_dtype == "bfloat16" and backend == "jax":
         return "XLA on a CPU runs bfloat16 slower than float32, even on CPUs with AVX512-BF16 or AMX-BF16"
-    if compute_dtype == "float16" and flags is not None:
-        return _FLOAT16_SLOW.get(backend)
+    if compute_dtype == "float16" and backend in _FLOAT16_SLOW and flags is not None:
+        engine, share = _FLOAT16_SLOW[backend]
+        return (
+            f"{engine} float16 slower than float32 even on CPUs with AVX512-FP16 "
+            f"(Sequencer2D-S trained at {share} float32's speed)"
+        )
     return None
 
 
