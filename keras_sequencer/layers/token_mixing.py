@@ -581,6 +581,11 @@ def mix_torch(layer, x):
         return torch.lstm(sequences, (zeros, zeros), weights, True, 1, 0.0, False, True, True)[0]
 
     x = torch.as_tensor(x)
+    if x.device.type == "meta":
+        # Keras infers output shapes by calling layers on data-less "meta" tensors (`compute_output_spec`, in
+        # `fit`'s and `train_on_batch`'s first call too), where `torch.lstm` has no kernel of its own and
+        # runs as thousands of per-step Python decompositions: ~10 s of S's first training step on a CPU.
+        return x.new_empty((batch, height, width, 4 * units))
     columns = x.permute(0, 2, 1, 3).reshape(batch * width, height, channels)
     v = bilstm(layer.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
     h = bilstm(layer.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)

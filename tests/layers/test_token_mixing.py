@@ -1,6 +1,6 @@
 """The token-mixing seam: which path runs, exporters' choice, and the paths' backend limits."""
 
-from conftest import BACKEND, TINY, global_dtype_policy, load_timm_lstm2d, loss_and_gradients, to_numpy
+from conftest import BACKEND, TINY, global_dtype_policy, load_timm_lstm2d, loss_and_gradients, tiny_model, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -213,6 +213,30 @@ def test_torch_path_reuses_its_weight_copies_only_while_the_weights_stay():
         after_step = to_numpy(token_mixing.mix(layer, x))
     assert np.abs(after_step - after_set).max() > 1e-3
     np.testing.assert_allclose(after_step, to_numpy(token_mixing.mix_keras(layer, x)), atol=2e-6)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch path exists on PyTorch only")
+def test_torch_path_answers_meta_tensors_without_running_the_lstm(monkeypatch):
+    """Keras infers outputs on data-less "meta" tensors (the first `fit`, `train_on_batch` or `evaluate` call
+    runs the model so): the torch path answers them with the shape and dtype of a real call, float32 and
+    bfloat16, without `torch.lstm`, which has no meta kernel and decomposes into Python per step. A model's
+    first training step still runs `torch.lstm` on the real batch only."""
+    import torch
+
+    devices, real_lstm = [], torch.lstm
+    monkeypatch.setattr(torch, "lstm", lambda x, *args: devices.append(x.device.type) or real_lstm(x, *args))
+    layer, x = _layer_and_input(implementation="torch")
+    for dtype in (torch.float32, torch.bfloat16):
+        real = token_mixing.mix(layer, x.to(dtype))
+        inferred = token_mixing.mix(layer, torch.empty(x.shape, dtype=dtype, device="meta"))
+        assert (inferred.device.type, inferred.shape, inferred.dtype) == ("meta", real.shape, real.dtype)
+    assert devices == ["cpu"] * 4  # two BiLSTMs per real call
+
+    model = tiny_model(input_shape=(16, 16, 3))  # "auto": the torch path
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    devices.clear()
+    model.train_on_batch(np.zeros((2, 16, 16, 3), "float32"), np.zeros(2, "int32"))
+    assert devices and set(devices) == {"cpu"}, devices
 
 
 @pytest.mark.parametrize("path", token_mixing.EXPORT_PATHS)
