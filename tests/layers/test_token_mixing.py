@@ -230,13 +230,13 @@ def test_torch_path_answers_meta_tensors_without_running_the_lstm(monkeypatch):
         real = token_mixing.mix(layer, x.to(dtype))
         inferred = token_mixing.mix(layer, torch.empty(x.shape, dtype=dtype, device="meta"))
         assert (inferred.device.type, inferred.shape, inferred.dtype) == ("meta", real.shape, real.dtype)
-    assert devices == ["cpu"] * 4  # two BiLSTMs per real call
+    assert len(devices) == 4 and "meta" not in devices, devices  # two BiLSTMs per real call
 
     model = tiny_model(input_shape=(16, 16, 3))  # "auto": the torch path
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     devices.clear()
     model.train_on_batch(np.zeros((2, 16, 16, 3), "float32"), np.zeros(2, "int32"))
-    assert devices and set(devices) == {"cpu"}, devices
+    assert devices and "meta" not in devices, devices
 
 
 @pytest.mark.parametrize("path", token_mixing.EXPORT_PATHS)
