@@ -179,6 +179,11 @@ def choose_path(implementation: str, standard: bool, static: bool, training, com
     return "keras"
 
 
+def _is_meta(x) -> bool:
+    """Whether `x` is a PyTorch "meta" tensor: a shape and a dtype without data."""
+    return keras.backend.backend() == "torch" and getattr(getattr(x, "device", None), "type", None) == "meta"
+
+
 def in_xla_context() -> bool:
     """Whether TensorFlow is tracing for XLA (`jit_compile=True`) here, where its own LSTM kernel cannot run."""
     if keras.backend.backend() != "tensorflow":
@@ -191,6 +196,11 @@ def in_xla_context() -> bool:
 
 def mix(layer, x, training=None):
     """Mixes the tokens of `x` with `layer`'s sublayers on the path `choose_path` picks."""
+    if _is_meta(x):
+        # Keras' PyTorch trainer runs the model once on data-less "meta" tensors before the first `fit`,
+        # `train_on_batch` or `evaluate` step (`compute_output_spec`). LSTMs have no meta kernels there and
+        # decompose into Python per step: ~10 s of S's first training step on a CPU through `torch.lstm`.
+        return x.new_empty((*x.shape[:3], layer.mixed_channels))
     static = x.shape[1] is not None and x.shape[2] is not None
     path = choose_path(layer.implementation, layer.standard, static, training, layer.compute_dtype)
     if path in ("unrolled", "scan", *EXPORT_PATHS) and not static:
@@ -581,11 +591,6 @@ def mix_torch(layer, x):
         return torch.lstm(sequences, (zeros, zeros), weights, True, 1, 0.0, False, True, True)[0]
 
     x = torch.as_tensor(x)
-    if x.device.type == "meta":
-        # Keras infers output shapes by calling layers on data-less "meta" tensors (`compute_output_spec`, in
-        # `fit`'s and `train_on_batch`'s first call too), where `torch.lstm` has no kernel of its own and
-        # runs as thousands of per-step Python decompositions: ~10 s of S's first training step on a CPU.
-        return x.new_empty((batch, height, width, 4 * units))
     columns = x.permute(0, 2, 1, 3).reshape(batch * width, height, channels)
     v = bilstm(layer.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
     h = bilstm(layer.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)

@@ -215,22 +215,31 @@ def test_torch_path_reuses_its_weight_copies_only_while_the_weights_stay():
     np.testing.assert_allclose(after_step, to_numpy(token_mixing.mix_keras(layer, x)), atol=2e-6)
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="the torch path exists on PyTorch only")
-def test_torch_path_answers_meta_tensors_without_running_the_lstm(monkeypatch):
+@pytest.mark.skipif(BACKEND != "torch", reason="meta tensors are PyTorch's")
+def test_meta_tensors_get_the_real_shape_without_running_a_recurrence(monkeypatch):
     """Keras infers outputs on data-less "meta" tensors (the first `fit`, `train_on_batch` or `evaluate` call
-    runs the model so): the torch path answers them with the shape and dtype of a real call, float32 and
-    bfloat16, without `torch.lstm`, which has no meta kernel and decomposes into Python per step. A model's
-    first training step still runs `torch.lstm` on the real batch only."""
+    runs the model so): every path answers them with the shape and dtype of a real call, float32 and bfloat16,
+    without running its LSTMs, which have no meta kernels and decompose into Python per step. A model's first
+    training step still runs `torch.lstm` on the real batch only."""
     import torch
 
     devices, real_lstm = [], torch.lstm
     monkeypatch.setattr(torch, "lstm", lambda x, *args: devices.append(x.device.type) or real_lstm(x, *args))
-    layer, x = _layer_and_input(implementation="torch")
-    for dtype in (torch.float32, torch.bfloat16):
-        real = token_mixing.mix(layer, x.to(dtype))
-        inferred = token_mixing.mix(layer, torch.empty(x.shape, dtype=dtype, device="meta"))
-        assert (inferred.device.type, inferred.shape, inferred.dtype) == ("meta", real.shape, real.dtype)
-    assert len(devices) == 4 and "meta" not in devices, devices  # two BiLSTMs per real call
+    keras_calls, real_mix_keras = [], token_mixing.mix_keras
+    monkeypatch.setattr(token_mixing, "mix_keras", lambda layer, x, *a, **k: keras_calls.append(x.device.type)
+                        or real_mix_keras(layer, x, *a, **k))  # fmt: skip
+    x = keras.ops.convert_to_tensor(np.random.RandomState(0).randn(2, 4, 5, 6).astype("float32"))
+    for policy, dtype in (("float32", torch.float32), ("mixed_bfloat16", torch.bfloat16)):
+        with global_dtype_policy(policy):  # a layer's inputs arrive in its compute dtype
+            layers = [BiLSTM2D(3, implementation=path) for path in ("torch", "keras")]
+            layers.append(BiLSTM2D(3, bidirectional=False, union="add", rnn_type="gru"))  # an ablation
+        for layer in layers:
+            layer.build(x.shape)
+            real = token_mixing.mix(layer, x.to(dtype))
+            inferred = token_mixing.mix(layer, torch.empty(x.shape, dtype=dtype, device="meta"))
+            assert (inferred.device.type, inferred.shape, inferred.dtype) == ("meta", real.shape, real.dtype)
+    assert len(devices) == 4 and "meta" not in devices, devices  # two BiLSTMs per real call of the torch path
+    assert len(keras_calls) == 4 and "meta" not in keras_calls, keras_calls
 
     model = tiny_model(input_shape=(16, 16, 3))  # "auto": the torch path
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
