@@ -296,6 +296,20 @@ def load_timm_lstm2d(layer, module) -> None:
     layer.fc.bias.assign(sd["fc.bias"])
 
 
+def timm_lstm2d_gradients(layer, grads, prefix="") -> dict:
+    """timm's `LSTM2d` gradients in the layouts of `layer`'s (a `BiLSTM2D`) variables, keyed by their paths.
+
+    `grads`: PyTorch parameter name -> gradient, the LSTM2d's names under `prefix` (e.g. "rnn_tokens.")."""
+    expected = {layer.fc.kernel.path: grads[f"{prefix}fc.weight"].T, layer.fc.bias.path: grads[f"{prefix}fc.bias"]}
+    for rnn in ("rnn_v", "rnn_h"):
+        for suffix, cell in (("", getattr(layer, rnn).forward_layer.cell),
+                             ("_reverse", getattr(layer, rnn).backward_layer.cell)):  # fmt: skip
+            expected[cell.kernel.path] = grads[f"{prefix}{rnn}.weight_ih_l0{suffix}"].T
+            expected[cell.recurrent_kernel.path] = grads[f"{prefix}{rnn}.weight_hh_l0{suffix}"].T
+            expected[cell.bias.path] = grads[f"{prefix}{rnn}.bias_ih_l0{suffix}"]  # one Keras bias = b_ih + b_hh
+    return expected
+
+
 def loss_and_gradients(layer, x, weights, graph=False):
     """sum(layer(x) * weights) and its gradients w.r.t. the input and every trainable variable, on this backend.
 

@@ -46,33 +46,38 @@ def test_bilstm2d_layer_contract():
 
 
 def test_bilstm2d_direction_order():
-    """The concatenation order is [v_fwd, v_bwd, h_fwd, h_bwd]: zeroing one LSTM
-    direction's output kernel must silence exactly its channel block of `fc`'s input."""
+    """The concatenation order is [v_fwd, v_bwd, h_fwd, h_bwd]: at the edge where a direction starts, its
+    channel block is that direction's LSTM run over that one token."""
     layer = BiLSTM2D(2)
     x = np.random.RandomState(0).randn(1, 3, 4, 6).astype("float32")
     layer(x)
     mixed = to_numpy(token_mixing.mix(layer, keras.ops.convert_to_tensor(x)))
     assert mixed.shape == (1, 3, 4, 8)
-    # The vertical forward LSTM at row 0 has only seen row 0 of its column.
-    column_only = to_numpy(layer.rnn_v.forward_layer(x[:, :1, :, :].transpose(0, 2, 1, 3).reshape(4, 1, 6)))
-    np.testing.assert_allclose(mixed[0, 0, :, 0:2], column_only[:, 0, :], atol=1e-6)
-    # The horizontal backward LSTM at the last column has only seen that column.
-    last = to_numpy(layer.rnn_h.backward_layer(x[:, :, -1:, :].reshape(3, 1, 6)))
-    np.testing.assert_allclose(mixed[0, :, -1, 6:8], last[:, 0, :], atol=1e-6)
+
+    def one_token(lstm, tokens):  # (n, 6) tokens, each a sequence of length 1
+        return to_numpy(lstm(tokens[:, None, :]))[:, 0, :]
+
+    # vertical: the forward LSTM starts at the first row, the backward one at the last
+    np.testing.assert_allclose(mixed[0, 0, :, 0:2], one_token(layer.rnn_v.forward_layer, x[0, 0]), atol=1e-6)
+    np.testing.assert_allclose(mixed[0, -1, :, 2:4], one_token(layer.rnn_v.backward_layer, x[0, -1]), atol=1e-6)
+    # horizontal: the forward LSTM starts at the first column, the backward one at the last
+    np.testing.assert_allclose(mixed[0, :, 0, 4:6], one_token(layer.rnn_h.forward_layer, x[0, :, 0]), atol=1e-6)
+    np.testing.assert_allclose(mixed[0, :, -1, 6:8], one_token(layer.rnn_h.backward_layer, x[0, :, -1]), atol=1e-6)
 
 
 @pytest.mark.parametrize("height,width", [(4, 4), (3, 5)])
 def test_both_paths_train_identically(height, width):
-    """One SGD step through each path from the same weights lands on the same weights: the fused
-    path's gradients (and those of "auto": torch.lstm on torch, TensorFlow's LSTM kernel on TensorFlow)
+    """One SGD step through each path from the same weights lands on the same weights: the gradients of the
+    fused loops ("fused" trains through the unrolled steps, "scan" through the scan with its own backward
+    pass) and of "auto" (torch.lstm on torch, TensorFlow's LSTM kernel on TensorFlow, the scan on JAX)
     equal the Bidirectional(LSTM) layers'. On TensorFlow and JAX also under `jit_compile=True` (XLA once
     refused the gradient of TF's scan, and cannot compile TensorFlow's LSTM kernel, which "auto" then
     leaves; on torch it would mean torch.compile, not what this test is about)."""
     x = np.random.RandomState(0).randn(3, height, width, 6).astype("float32")
     y = np.random.RandomState(1).randn(3, height, width, 6).astype("float32")
-    setups = [("keras", "auto"), ("fused", "auto"), ("unrolled", "auto"), ("auto", "auto")]
+    setups = [("keras", "auto"), ("fused", "auto"), ("scan", "auto"), ("auto", "auto")]
     if BACKEND != "torch":
-        setups += [("fused", True), ("keras", True), ("auto", True)]
+        setups += [("fused", True), ("scan", True), ("keras", True), ("auto", True)]
     models = []
     for implementation, jit_compile in setups:
         model = keras.Sequential([keras.Input((height, width, 6)), BiLSTM2D(3, implementation=implementation)])
@@ -90,16 +95,34 @@ def test_both_paths_train_identically(height, width):
 
 
 def test_fused_needs_a_static_size():
-    """A traced graph with unknown height/width (e.g. TensorFlow relaxing shapes)
-    cannot unroll: "fused" says so, "auto" takes the Keras layers."""
+    """A traced graph with unknown height/width (e.g. TensorFlow relaxing shapes) cannot unroll: "fused" says
+    so."""
     symbolic = keras.KerasTensor((None, None, None, 4))
     layer = BiLSTM2D(2, implementation="fused")
     layer.build(symbolic.shape)
     with pytest.raises(ValueError, match="'unrolled' path, which needs the height and width"):
         token_mixing.mix(layer, symbolic)
-    auto = BiLSTM2D(2)
-    auto.build(symbolic.shape)
-    assert auto.compute_output_spec(symbolic).shape == (None, None, None, 4)
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="only TensorFlow traces a graph with unknown height and width (JAX traces each shape, PyTorch is eager)",
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_auto_mixes_a_map_of_unknown_size_in_a_traced_graph(training):
+    """In a `tf.function` traced for any height and width, "auto" takes a path that needs no static size (Keras'
+    layers, or TensorFlow's LSTM kernel in training) and mixes as the Keras layers do."""
+    import tensorflow as tf
+
+    layer = BiLSTM2D(2)
+    x = np.random.RandomState(0).randn(2, 3, 5, 4).astype("float32")
+    layer.build(x.shape)
+    expected = to_numpy(token_mixing.mix_keras(layer, keras.ops.convert_to_tensor(x)))
+    traced = tf.function(
+        lambda t: token_mixing.mix(layer, t, training=training),
+        input_signature=[tf.TensorSpec((None, None, None, 4))],
+    )
+    np.testing.assert_allclose(to_numpy(traced(x)), expected, rtol=0, atol=2e-6)
 
 
 def test_bilstm2d_rejects_bad_arguments():

@@ -1,6 +1,6 @@
 """Sequencer2DBlock: layer contract, gradients through both residual branches, and timm's block."""
 
-from conftest import BACKEND, load_timm_lstm2d, loss_and_gradients, run_layer_test, to_numpy
+from conftest import BACKEND, load_timm_lstm2d, loss_and_gradients, run_layer_test, timm_lstm2d_gradients, to_numpy
 import keras
 import numpy as np
 import pytest
@@ -163,18 +163,18 @@ def test_training_gradients_equal_timms_autograd(graph):
     np.testing.assert_allclose(d_x, x_torch.grad.numpy(), atol=1e-5, rtol=1e-5)
     grads = {name: p.grad.numpy() for name, p in module.named_parameters()}
     found = {v.path: d for v, d in zip(block.trainable_variables, d_values, strict=True)}
+    expected = {}
     for norm in ("norm1", "norm2"):
         layer = getattr(block, norm)
-        np.testing.assert_allclose(found[layer.gamma.path], grads[f"{norm}.weight"], atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(found[layer.beta.path], grads[f"{norm}.bias"], atol=1e-5, rtol=1e-5)
+        expected[layer.gamma.path], expected[layer.beta.path] = grads[f"{norm}.weight"], grads[f"{norm}.bias"]
     for fc in ("fc1", "fc2"):
         layer = getattr(block, fc)
-        np.testing.assert_allclose(found[layer.kernel.path], grads[f"mlp_channels.{fc}.weight"].T, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(found[layer.bias.path], grads[f"mlp_channels.{fc}.bias"], atol=1e-5, rtol=1e-5)
-    mixer = block.rnn_tokens
-    np.testing.assert_allclose(found[mixer.fc.kernel.path], grads["rnn_tokens.fc.weight"].T, atol=1e-5, rtol=1e-5)
-    cell = mixer.rnn_v.forward_layer.cell
-    np.testing.assert_allclose(found[cell.kernel.path], grads["rnn_tokens.rnn_v.weight_ih_l0"].T, atol=1e-5, rtol=1e-5)
+        expected[layer.kernel.path] = grads[f"mlp_channels.{fc}.weight"].T
+        expected[layer.bias.path] = grads[f"mlp_channels.{fc}.bias"]
+    expected.update(timm_lstm2d_gradients(block.rnn_tokens, grads, prefix="rnn_tokens."))
+    assert found.keys() == expected.keys()
+    for path, gradient in expected.items():
+        np.testing.assert_allclose(found[path], gradient, atol=1e-5, rtol=1e-5, err_msg=path)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")

@@ -1,6 +1,15 @@
 """The token-mixing seam: which path runs, exporters' choice, and the paths' backend limits."""
 
-from conftest import BACKEND, TINY, global_dtype_policy, load_timm_lstm2d, loss_and_gradients, tiny_model, to_numpy
+from conftest import (
+    BACKEND,
+    TINY,
+    global_dtype_policy,
+    load_timm_lstm2d,
+    loss_and_gradients,
+    timm_lstm2d_gradients,
+    tiny_model,
+    to_numpy,
+)
 import keras
 import numpy as np
 import pytest
@@ -302,14 +311,7 @@ def test_training_path_gradients_equal_timms(shape, implementation, monkeypatch)
     assert loss == pytest.approx(float(expected_loss), abs=1e-5)
     np.testing.assert_allclose(d_x, x_torch.grad.numpy(), atol=1e-5, rtol=1e-5)
     found = {v.path: d for v, d in zip(layer.trainable_variables, d_values, strict=True)}
-    expected = {}
-    for rnn in ("rnn_v", "rnn_h"):
-        for suffix, cell in (("", getattr(layer, rnn).forward_layer.cell),
-                             ("_reverse", getattr(layer, rnn).backward_layer.cell)):  # fmt: skip
-            expected[cell.kernel.path] = grads[f"{rnn}.weight_ih_l0{suffix}"].T
-            expected[cell.recurrent_kernel.path] = grads[f"{rnn}.weight_hh_l0{suffix}"].T
-            expected[cell.bias.path] = grads[f"{rnn}.bias_ih_l0{suffix}"]  # one Keras bias = b_ih + b_hh
-    expected[layer.fc.kernel.path], expected[layer.fc.bias.path] = grads["fc.weight"].T, grads["fc.bias"]
+    expected = timm_lstm2d_gradients(layer, grads)
     assert found.keys() == expected.keys()
     for path, gradient in expected.items():
         np.testing.assert_allclose(found[path], gradient, atol=1e-5, rtol=1e-5, err_msg=path)

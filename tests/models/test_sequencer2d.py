@@ -71,7 +71,9 @@ def _check(variant, layout, height, width, include_preprocessing, implementation
     ],
 )
 def test_sequencer2d_s_matches_timm(layout, height, width, include_preprocessing, implementation):
-    """Every path this backend runs for inference, at the paper's size and at non-square sizes, in both layouts."""
+    """The default path at the paper's size (torch.lstm on PyTorch), and Keras' layers and each fused loop at
+    non-square sizes, in both layouts. TensorFlow's own LSTM kernel, a training path, is compared with timm's
+    layer in tests/layers."""
     _check("s", layout, height, width, include_preprocessing, implementation)
 
 
