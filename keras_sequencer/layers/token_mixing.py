@@ -140,20 +140,20 @@ def choose_path(implementation: str, standard: bool, static: bool, training, com
     """The path a layer runs: the exporter's choice, else its `implementation`, else what "auto" picks.
 
     "auto", for the paper's mixer: `"torch"` on the PyTorch backend (inference
-    and training); elsewhere the fused recurrence for inference when the
-    height and width are known and no GPU backs Keras' LSTM (`"scan"` on
-    TensorFlow, `"unrolled"` on JAX); for training at a known size `"scan"`
-    on JAX (one loop of batched matmuls for all four directions, its own
-    backward pass: 2.9x Keras' LSTM per step of S on an H200; on a CPU as
-    fast per step for S and 1.2-1.4x faster for L, S's first step ~8 s
-    sooner and ~0.4 GiB lower at its peak); for training in float32 on TensorFlow without a GPU `"tensorflow"`,
-    unless XLA compiles the call (S's first training step in less than half
-    the time, steps as fast; the kernel computes in float32, so 16-bit
-    policies keep Keras' layers); and `"keras"` otherwise (cuDNN on GPUs).
-    Inference graphs keep
-    standard TensorFlow ops (TFLite and ONNX converters take them; they have
-    no counterpart of TensorFlow's LSTM op), and XLA `predict` beat it.
-    benchmarks/README.md has the measurements behind each choice.
+    and training); elsewhere the fused recurrence for inference when the height
+    and width are known and no GPU backs Keras' LSTM (`"scan"` on TensorFlow,
+    `"unrolled"` on JAX); for training at a known size `"scan"` on JAX (one
+    loop of batched matmuls for all four directions, its own backward pass:
+    2.9x Keras' LSTM per step of S on an H200; on a CPU as fast per step for S
+    and 1.2-1.4x faster for L, S's first step ~8 s sooner and ~0.4 GiB lower at
+    its peak); for training in float32 on TensorFlow without a GPU
+    `"tensorflow"`, unless XLA compiles the call (S's first training step in
+    less than half the time, steps as fast; the kernel computes in float32, so
+    16-bit policies keep Keras' layers); and `"keras"` otherwise (cuDNN on
+    GPUs). Inference graphs keep standard TensorFlow ops (TFLite and ONNX
+    converters take them; they have no counterpart of TensorFlow's LSTM op),
+    and XLA `predict` beat it. benchmarks/README.md has the measurements behind
+    each choice.
     `training is False` (predict, evaluate), not `None`, selects the scan: a
     direct call inside a user's XLA-compiled GradientTape loop may leave
     `training` unset.
