@@ -145,8 +145,8 @@ def choose_path(implementation: str, standard: bool, static: bool, training, com
     `"unrolled"` on JAX); for training at a known size `"scan"` on JAX (one
     loop of batched matmuls for all four directions, its own backward pass:
     2.9x Keras' LSTM per step of S on an H200; on a CPU as fast per step for S
-    and 1.2-1.4x faster for L, S's first step ~8 s sooner and ~0.4 GiB lower at
-    its peak); for training in float32 on TensorFlow without a GPU
+    and M and 1.2-1.4x faster for L, S's first step ~8 s sooner and ~0.4 GiB
+    lower at its peak); for training in float32 on TensorFlow without a GPU
     `"tensorflow"`, unless XLA compiles the call (S's first training step in
     less than half the time, steps as fast; the kernel computes in float32, so
     16-bit policies keep Keras' layers); and `"keras"` otherwise (cuDNN on
