@@ -136,6 +136,22 @@ def global_image_data_format(name: str):
     return _global_setting(keras.config.image_data_format, keras.config.set_image_data_format, name)
 
 
+@contextlib.contextmanager
+def keras_calls_without_autograd():
+    """PyTorch without autograd, with a global no-op forward hook: layers and models run through Keras' calls
+    (`eager_torch` keeps them wherever a forward hook may fire), on the kernels PyTorch picks for inference.
+    The reference of the direct paths' bit-for-bit tests: with autograd on, `torch.lstm` takes another kernel
+    than without it, and on some CPUs its outputs differ in the last bit."""
+    import torch
+
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        hook.remove()
+
+
 def authors_layout(state_dict: dict, layers) -> dict:
     """timm layout -> the authors' GitHub-release layout (inverse of timm's filter).
 

@@ -575,12 +575,19 @@ def mix_torch(layer, x):
     """Both BiLSTMs on `torch.lstm`, reading the same Keras variables; differentiable.
 
     Keras' LSTM on the torch backend steps in Python on a CPU; this runs
-    PyTorch's own loop, as timm does.
+    PyTorch's own loop, as timm does. Under `torch.autocast` the sequences
+    and weights are cast to its dtype here, as autocast would: on a CPU
+    without AVX512-BF16, `torch.lstm` given float32 tensors under a bfloat16
+    autocast fails inside oneDNN, while bfloat16 tensors run.
     """
     import torch  # the PyTorch backend only (`check_implementation`)
 
     batch, height, width, channels = (int(d) for d in x.shape)
     units = layer.hidden_size
+    x = torch.as_tensor(x)
+    autocast = _torch_autocast_dtype(x.device.type)
+    if autocast is not None and x.is_floating_point():
+        x = x.to(autocast)
 
     def bilstm(bidirectional, sequences):
         weights = []
@@ -590,11 +597,22 @@ def mix_torch(layer, x):
         # (input, (h0, c0), weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         return torch.lstm(sequences, (zeros, zeros), weights, True, 1, 0.0, False, True, True)[0]
 
-    x = torch.as_tensor(x)
     columns = x.permute(0, 2, 1, 3).reshape(batch * width, height, channels)
     v = bilstm(layer.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
     h = bilstm(layer.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)
     return torch.cat([v, h], dim=-1)
+
+
+def _torch_autocast_dtype(device_type):
+    """The dtype `torch.autocast` computes in on `device_type`, or None where it is off."""
+    import torch
+
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError, AttributeError):  # torch < 2.4; a device type without autocast
+        pass
+    return None
 
 
 def _torch_lstm_weights(cell, dtype):

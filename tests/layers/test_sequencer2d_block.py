@@ -1,6 +1,14 @@
 """Sequencer2DBlock: layer contract, gradients through both residual branches, and timm's block."""
 
-from conftest import BACKEND, load_timm_lstm2d, loss_and_gradients, run_layer_test, timm_lstm2d_gradients, to_numpy
+from conftest import (
+    BACKEND,
+    keras_calls_without_autograd,
+    load_timm_lstm2d,
+    loss_and_gradients,
+    run_layer_test,
+    timm_lstm2d_gradients,
+    to_numpy,
+)
 import keras
 import numpy as np
 import pytest
@@ -80,7 +88,8 @@ def _without_autograd(block, x, training=None):
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")
 def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
     """Without autograd a float32 block on PyTorch runs torch's functions on its variables directly: the sublayers'
-    calls' output to the bit, timm's block within float32 rounding, the input untouched. Training, autograd,
+    calls' output without autograd to the bit (with it, within PyTorch's LSTM kernels' last bit), timm's block
+    within float32 rounding, the input untouched. Training, autograd,
     `torch.autocast`, forward hooks, float16 policies, LoRA and quantized layers keep the sublayers' calls."""
     import torch
 
@@ -98,7 +107,9 @@ def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
 
     out = _without_autograd(block, x)
     assert direct == [1] and torch.equal(x, original)
-    np.testing.assert_array_equal(out, block(x).detach().numpy())  # autograd on: the sublayers' calls
+    with keras_calls_without_autograd():
+        np.testing.assert_array_equal(out, block(x).numpy())
+    np.testing.assert_allclose(out, block(x).detach().numpy(), rtol=0, atol=1e-6)  # autograd on: the same calls
     assert direct == [1]
     with torch.no_grad():
         np.testing.assert_allclose(out, module.eval()(x).numpy(), rtol=0, atol=5e-6)
@@ -122,6 +133,27 @@ def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
     block, _ = _block_and_timms()
     block.rnn_tokens.fc.quantize("int8")
     assert not runs_direct(block)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.autocast is PyTorch's")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_torch_autocast_block_equals_timms_under_the_same_autocast(grad):
+    """Under `torch.autocast("cpu", bfloat16)` a block (Keras' calls, `torch.lstm` in bfloat16) gives timm's
+    block's output under the same autocast within bfloat16 rounding, with and without autograd, on CPUs with and
+    without AVX512-BF16. The input is bfloat16, as a stem's convolution gives it under autocast (a float32 one
+    reaches timm's `nn.LSTM` as float32, which oneDNN refuses under autocast on CPUs without AVX512-BF16)."""
+    import torch
+
+    block, module = _block_and_timms()
+    x = torch.from_numpy(np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32"))
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = block(x.bfloat16()), module.eval()(x.bfloat16())
+    out, expected = out.detach().float().numpy(), expected.detach().float().numpy()
+    with torch.no_grad():
+        exact = module(x).numpy()
+    tolerance = 0.01 * np.abs(exact).max()  # bfloat16 keeps 8 bits of mantissa: ~0.4 % per rounding
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(out, exact, rtol=0, atol=tolerance)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")
@@ -193,6 +225,7 @@ def test_torch_bfloat16_inference_skips_the_sublayer_calls_to_the_same_bit(monke
     for step in range(2):
         for inputs in (x.bfloat16(), x):
             out = _without_autograd(half, inputs)
-            np.testing.assert_array_equal(out, half(inputs).detach().float().numpy())  # autograd on: Keras' calls
+            with keras_calls_without_autograd():
+                np.testing.assert_array_equal(out, half(inputs).float().numpy())
         assert len(direct) == 2 * (step + 1)
         half.set_weights([w * 1.5 + 0.01 for w in half.get_weights()])  # in place: the kept copies must follow

@@ -4,7 +4,17 @@ import contextlib
 import io
 import json
 
-from conftest import BACKEND, TINY, evaluated, global_dtype_policy, perturb_weights, run_python, tiny_model, to_numpy
+from conftest import (
+    BACKEND,
+    TINY,
+    evaluated,
+    global_dtype_policy,
+    keras_calls_without_autograd,
+    perturb_weights,
+    run_python,
+    tiny_model,
+    to_numpy,
+)
 import keras
 import numpy as np
 import pytest
@@ -220,9 +230,10 @@ def test_reload_on_every_backend(saved, target):
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace the model once")
 def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_path):
     """Without autograd a float32 Sequencer2D on PyTorch runs its layers by their `call` (no Keras call per
-    layer): `model(x)` and `predict_on_batch` give the Keras calls' output to the bit, for float32 and uint8
-    images, and so does the model reloaded from a `.keras` file. Training, 16-bit policies, quantized layers,
-    forward hooks and graphs that are not a chain keep Keras' calls."""
+    layer): `model(x)` and `predict_on_batch` give the output of Keras' calls without autograd to the bit (with
+    it, within PyTorch's LSTM kernels' last bit), for float32 and uint8 images, and so does the model reloaded
+    from a `.keras` file. Training, 16-bit policies, quantized layers, forward hooks and graphs that are not a
+    chain keep Keras' calls."""
     import torch
 
     from keras_sequencer.layers import eager_torch
@@ -233,10 +244,12 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
     monkeypatch.setattr(eager_torch, "call_chain", lambda chain, x: chained.append(len(chain)) or real(chain, x))
     model = tiny_model(include_preprocessing=True, classifier_activation="softmax")
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 40, 3)).astype("uint8")
-    expected = to_numpy(model(images.astype("float32"))).copy()  # autograd on: Keras' calls
+    with keras_calls_without_autograd():
+        expected = to_numpy(model(images.astype("float32"))).copy()
     assert chained == []
     with torch.no_grad():
         np.testing.assert_array_equal(to_numpy(model(images.astype("float32"))), expected)
+    np.testing.assert_allclose(to_numpy(model(images.astype("float32"))), expected, rtol=0, atol=1e-6)  # autograd
     np.testing.assert_array_equal(model.predict_on_batch(images), expected)
     assert chained == [len(model.layers) - 1] * 2  # every layer but the input
     model.save(tmp_path / "model.keras")
@@ -256,7 +269,8 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
         model.predict_on_batch(images)
     assert len(chained) == 4
     backbone = perturb_weights(ks.Sequencer2DBackbone(**TINY))
-    expected = to_numpy(backbone(images.astype("float32")))
+    with keras_calls_without_autograd():
+        expected = to_numpy(backbone(images.astype("float32")))
     np.testing.assert_array_equal(backbone.predict_on_batch(images), expected)
     assert len(chained) == 5 and chained[-1] == len(backbone.layers) - 1
     # The output's structure is kept.
@@ -276,7 +290,7 @@ def test_torch_inference_runs_the_layer_chain_to_the_same_bit(monkeypatch, tmp_p
 def test_torch_bfloat16_inference_runs_the_blocks_directly_to_the_same_bit(monkeypatch):
     """Under "mixed_bfloat16" the blocks and patch embeddings of a Sequencer2D on PyTorch run torch's functions
     without autograd while the model keeps Keras' calls for its other layers: `predict_on_batch` gives the
-    Keras calls' output to the bit."""
+    output of Keras' calls without autograd to the bit."""
     from keras_sequencer.layers import PatchEmbed, Sequencer2DBlock
 
     direct = []
@@ -287,7 +301,8 @@ def test_torch_bfloat16_inference_runs_the_blocks_directly_to_the_same_bit(monke
     with global_dtype_policy("mixed_bfloat16"):
         model = tiny_model(include_preprocessing=True, classifier_activation="softmax")
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 40, 3)).astype("uint8")
-    expected = to_numpy(model(images.astype("float32")))  # autograd on: Keras' calls
+    with keras_calls_without_autograd():
+        expected = to_numpy(model(images.astype("float32")))
     assert direct == []
     np.testing.assert_array_equal(model.predict_on_batch(images), expected)
     assert direct.count("Sequencer2DBlock") == sum(TINY["layers"])
