@@ -576,9 +576,10 @@ def mix_torch(layer, x):
 
     Keras' LSTM on the torch backend steps in Python on a CPU; this runs
     PyTorch's own loop, as timm does. Under `torch.autocast` the sequences
-    and weights are cast to its dtype here, as autocast would: on a CPU
-    without AVX512-BF16, `torch.lstm` given float32 tensors under a bfloat16
-    autocast fails inside oneDNN, while bfloat16 tensors run.
+    and weights go in autocast's dtype, as timm's LSTMs get them from the
+    layers before them: on a CPU without AVX512-BF16, `torch.lstm` given
+    float32 tensors under a bfloat16 autocast fails inside oneDNN, while
+    bfloat16 tensors run.
     """
     import torch  # the PyTorch backend only (`check_implementation`)
 
@@ -586,7 +587,7 @@ def mix_torch(layer, x):
     units = layer.hidden_size
     x = torch.as_tensor(x)
     autocast = _torch_autocast_dtype(x.device.type)
-    if autocast is not None and x.is_floating_point():
+    if autocast is not None:
         x = x.to(autocast)
 
     def bilstm(bidirectional, sequences):

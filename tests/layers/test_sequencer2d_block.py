@@ -89,8 +89,8 @@ def _without_autograd(block, x, training=None):
 def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
     """Without autograd a float32 block on PyTorch runs torch's functions on its variables directly: the sublayers'
     calls' output without autograd to the bit (with it, within PyTorch's LSTM kernels' last bit), timm's block
-    within float32 rounding, the input untouched. Training, autograd,
-    `torch.autocast`, forward hooks, float16 policies, LoRA and quantized layers keep the sublayers' calls."""
+    within float32 rounding, the input untouched. Training, autograd, `torch.autocast`, forward hooks, float16
+    policies, LoRA and quantized layers keep the sublayers' calls."""
     import torch
 
     from keras_sequencer.layers import eager_torch
