@@ -139,9 +139,9 @@ def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_torch_autocast_block_equals_timms_under_the_same_autocast(grad):
     """Under `torch.autocast("cpu", bfloat16)` a block (Keras' calls, `torch.lstm` in bfloat16) gives timm's
-    block's output under the same autocast within bfloat16 rounding, with and without autograd, on CPUs with and
-    without AVX512-BF16. The input is bfloat16, as a stem's convolution gives it under autocast (a float32 one
-    reaches timm's `nn.LSTM` as float32, which oneDNN refuses under autocast on CPUs without AVX512-BF16)."""
+    block's output under the same autocast within bfloat16 rounding, with and without autograd. The input is
+    bfloat16, as a stem's convolution gives it under autocast (a float32 one reaches timm's `nn.LSTM` as float32,
+    which oneDNN refuses under autocast on CPUs without AVX512-BF16; our block casts it)."""
     import torch
 
     block, module = _block_and_timms()
