@@ -55,7 +55,7 @@ def test_convert_then_predict(tmp_path):
     assert printed == [name for _, name, _ in expected]
 
     # On JAX the command keeps its compiled programs in Keras' folder for its next run, unless told not to
-    # (at --size 64, which JAX compiles in a fraction of the time of 224).
+    # (at --size 64, a smaller program to compile than 224's).
     small = load_image(tmp_path / "img.png", size=64)[None].astype(np.uint8)
     small_top3 = [name for _, name, _ in ks.decode_predictions(timm_logits("s", normalise(small)), top=3)[0]]
     for flags, kept in (([], True), (["--no-compilation-cache"], False)):

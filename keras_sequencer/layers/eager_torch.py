@@ -51,13 +51,22 @@ def eager_inference(x, dtypes=("float32",)) -> bool:
         return False
     if keras.backend.standardize_dtype(x.dtype) not in dtypes:
         return False
-    try:
-        autocast = torch.is_autocast_enabled(x.device.type)
-    except (TypeError, RuntimeError):  # torch < 2.4 takes no device type; a device without autocast
-        autocast = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-    if autocast:
+    if autocast_dtype(x.device.type) is not None:
         return False
     return not (getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
+
+
+def autocast_dtype(device_type: str):
+    """The torch dtype `torch.autocast` computes in on `device_type`, or None where it is off. (torch < 2.4,
+    whose calls take no device type, and a device type without autocast: the CPU's autocast, else the GPU's.)"""
+    import torch
+
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, RuntimeError, AttributeError):
+        if torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def plain(layer, compute_dtype="float32") -> bool:

@@ -586,7 +586,7 @@ def mix_torch(layer, x):
     batch, height, width, channels = (int(d) for d in x.shape)
     units = layer.hidden_size
     x = torch.as_tensor(x)
-    autocast = _torch_autocast_dtype(x.device.type)
+    autocast = eager_torch.autocast_dtype(x.device.type)
     if autocast is not None:
         x = x.to(autocast)
 
@@ -602,18 +602,6 @@ def mix_torch(layer, x):
     v = bilstm(layer.rnn_v, columns).reshape(batch, width, height, 2 * units).permute(0, 2, 1, 3)
     h = bilstm(layer.rnn_h, x.reshape(batch * height, width, channels)).reshape(batch, height, width, 2 * units)
     return torch.cat([v, h], dim=-1)
-
-
-def _torch_autocast_dtype(device_type):
-    """The dtype `torch.autocast` computes in on `device_type`, or None where it is off."""
-    import torch
-
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except (TypeError, RuntimeError, AttributeError):  # torch < 2.4; a device type without autocast
-        pass
-    return None
 
 
 def _torch_lstm_weights(cell, dtype):
