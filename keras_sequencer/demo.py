@@ -133,6 +133,23 @@ def run_small_ops_side_by_side() -> bool:
     return True
 
 
+def side_by_side_parts() -> int:
+    """The demo model's `batch_parts`: 4 where TensorFlow runs each op on one thread and several ops at once
+    (as `run_small_ops_side_by_side` sets it), else 1.
+
+    With one thread per op, the slices of a batch keep both cores of a 2-core CPU
+    busy: 4 parts made the training step about 1.3x and `evaluate` 1.4x
+    faster there (benchmarks/README.md, "Demo: batches in parts").
+    """
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    one_thread_per_op = threading.get_intra_op_parallelism_threads() == 1
+    return 4 if one_thread_per_op and threading.get_inter_op_parallelism_threads() >= 2 else 1
+
+
 def run_demo(
     output_dir: str = "reports/demo",
     epochs: int | None = None,
@@ -156,7 +173,8 @@ def run_demo(
 
     `python -m keras_sequencer demo` first calls `run_small_ops_side_by_side()`
     (TensorFlow's threads for the demo's small ops); in a fresh process of
-    your own, call it before anything else runs TensorFlow.
+    your own, call it before anything else runs TensorFlow. With those threads
+    the model runs its batches in parts (`side_by_side_parts`).
 
     Returns:
         The metrics written to `metrics.json`. A re-run into the same
@@ -189,6 +207,7 @@ def run_demo(
     start = time.time()
     with train.distribution_scope():
         model = build_demo_model(drop_path_rate=recipe.drop_path_rate)
+        model.batch_parts = side_by_side_parts()
         history = train.fit(
             model, train_ds, test_ds, recipe, batch_size, steps_per_epoch, output_dir, epochs=epochs, verbose=verbose
         )
@@ -211,6 +230,7 @@ def run_demo(
         "epochs": len(log["loss"]),
         "train_seconds": round(train_seconds, 1),
         "backend": keras.backend.backend(),
+        "batch_parts": model.batch_parts,
         "parameters": model.count_params(),
         "per_class_accuracy": {
             name: float(confusion[i, i] / max(confusion[i].sum(), 1))

@@ -315,14 +315,14 @@ def test_run_trains_on_grayscale_fashion_mnist_as_rgb(tmp_path):
 _THREADS = """
 import json, sys
 import tensorflow as tf
-from keras_sequencer.demo import run_small_ops_side_by_side, usable_cores
+from keras_sequencer.demo import run_small_ops_side_by_side, side_by_side_parts, usable_cores
 if sys.argv[1] == "started":
     tf.constant(1.0) + 1  # TensorFlow's runtime starts: its thread pools are fixed from here on
 threading = tf.config.threading
 before = [threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()]
 done = run_small_ops_side_by_side()
 after = [threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()]
-print(json.dumps([done, usable_cores(), before, after]))
+print(json.dumps([done, usable_cores(), before, after, side_by_side_parts()]))
 """
 
 
@@ -338,12 +338,14 @@ print(json.dumps([done, usable_cores(), before, after]))
 )
 def test_the_demo_runs_small_ops_side_by_side_only_where_it_may(backend, when, env):
     """One thread per op, two ops at a time: set in a fresh TensorFlow process on at most 2 cores; left alone
-    where TensorFlow already runs, where the user chose threads, and on other backends."""
+    where TensorFlow already runs, where the user chose threads, and on other backends. The demo model runs
+    its batches in 4 parts exactly where the threads were set."""
     # No thread settings but the case's own (scripts/test.sh sets both for its workers).
     env = {"TF_NUM_INTRAOP_THREADS": "", "TF_NUM_INTEROP_THREADS": "", **env}
     result = run_subprocess(["-c", _THREADS, when], backend=backend, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    done, cores, before, after = json.loads(result.stdout.strip().splitlines()[-1])
+    done, cores, before, after, parts = json.loads(result.stdout.strip().splitlines()[-1])
     expected = backend == "tensorflow" and when == "fresh" and not any(env.values()) and cores <= 2
     assert done == expected
     assert after == ([1, 2] if expected else before)
+    assert parts == (4 if expected else 1)

@@ -78,7 +78,8 @@ class CompiledPredict:
         `make_predict_function(force=True)`) or a `tf.distribute` strategy
         holds the model (Keras' own rule), or the model computes in another
         dtype than float32 (e.g. under "mixed_bfloat16", which XLA on a CPU
-        runs slower than TensorFlow's own kernels).
+        runs slower than TensorFlow's own kernels), or the model runs its
+        batches in parts (`batch_parts` > 1).
         Training and direct calls `model(x)` keep Keras' defaults
         (`compile(jit_compile=...)`); `evaluate` has its own switch
         (`make_test_function`).
@@ -125,13 +126,15 @@ class CompiledPredict:
 
     def _xla_on_cpu_tensorflow(self) -> bool:
         """Whether inference steps are compiled with XLA by this class (`make_predict_function`'s docstring):
-        TensorFlow, no GPU, no `tf.distribute` strategy, float32 throughout."""
+        TensorFlow, no GPU, no `tf.distribute` strategy, float32 throughout, whole batches."""
         if keras.backend.backend() != "tensorflow":
             return False
         distributed = getattr(self, "_distribute_strategy", None) is not None
         # On TensorFlow, "a GPU backs Keras' LSTM" is "a GPU is visible" (the layer's own cached check).
         float32 = all(layer.compute_dtype == "float32" for layer in self.layers)
-        return not distributed and not gpu_backs_keras_lstm() and float32
+        # XLA would run the slices of `batch_parts` as one program on one thread.
+        whole = getattr(self, "batch_parts", 1) == 1
+        return not distributed and not gpu_backs_keras_lstm() and float32 and whole
 
     def _compiles_predict_per_shape(self) -> bool:
         """Whether each new batch shape costs `predict` a compilation: JAX's jitted step, or TensorFlow's when
@@ -265,6 +268,62 @@ class SequencerInputs(CompiledPredict):
     on every call and before Keras runs anything.
     """
 
+    # TensorFlow: the number of independent parts each batch runs as (`batch_parts`).
+    _batch_parts = 1
+
+    @property
+    def batch_parts(self) -> int:
+        """TensorFlow: the number of parts each batch is cut into, so that TensorFlow can run them side by side.
+
+        With `batch_parts = k` every call on a batch (`fit`'s training steps,
+        `evaluate`, `predict`, `model(x)`) runs the network on k slices of the
+        batch and concatenates the outputs. Every layer of Sequencer2D works on
+        each image alone, so the outputs, losses and gradients are those of the
+        whole batch; only drop path draws its random numbers per slice (a layer
+        of your own that mixes images, a batch norm say, would see slices). The
+        slices are independent graphs: where TensorFlow gives each op one thread
+        and runs two ops at once (the demo's setting on a 2-core CPU,
+        `keras_sequencer.demo.run_small_ops_side_by_side`), they keep both
+        cores busy through the parts of a step that are one chain of small ops.
+        With TensorFlow's default threads there is nothing to gain. On a 2-core
+        CPU with one thread per op, the demo model's training step ran about
+        1.3x faster with 4 parts, its `evaluate` 1.4x faster than whole batches
+        with XLA (benchmarks/README.md, "Demo: batches in parts"). While k > 1,
+        `predict` and `evaluate` are not compiled with XLA, which would run the
+        slices as one program on one thread. A new value makes the next `fit`,
+        `evaluate` and `predict` rebuild their steps. JAX compiles each step as
+        one XLA program and PyTorch runs ops one at a time, so on those
+        backends only 1 is accepted.
+        """
+        return self._batch_parts
+
+    @batch_parts.setter
+    def batch_parts(self, parts: int) -> None:
+        if isinstance(parts, bool) or not isinstance(parts, (int, np.integer)) or parts < 1:
+            raise ValueError(f"`batch_parts` must be an integer >= 1. Received: batch_parts={parts!r}")
+        if parts > 1 and keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "`batch_parts` > 1 lets TensorFlow run the slices of a batch side by side; on "
+                f"{keras.backend.backend()} it would only add work. Use the TensorFlow backend "
+                f"(KERAS_BACKEND=tensorflow) or leave it at 1. Received: batch_parts={parts}"
+            )
+        self._batch_parts = int(parts)
+        # Steps traced with the old value are rebuilt at their next use.
+        self.train_function = self.test_function = self.predict_function = None
+
+    def _call_in_parts(self, inputs, training):
+        """The network on `batch_parts` consecutive slices of `inputs` (TensorFlow), outputs concatenated."""
+        import tensorflow as tf
+
+        parts = self._batch_parts
+        size = tf.shape(inputs)[0]
+        bounds = [size * i // parts for i in range(parts + 1)]
+        outputs = [
+            super(SequencerInputs, self).call(inputs[start:stop], training=training)
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return keras.tree.map_structure(lambda *pieces: tf.concat(pieces, axis=0), *outputs)
+
     def _init_inputs(self):
         # The smallest side every stage can still cut into patches; derived from
         # the graph so `.keras` files and presets need no extra config.
@@ -346,6 +405,8 @@ class SequencerInputs(CompiledPredict):
 
     def call(self, inputs, training=None, mask=None):
         self.check_images(getattr(inputs, "shape", ()))
+        if self._batch_parts > 1 and mask is None:
+            return self._call_in_parts(inputs, training)
         if not training and mask is None:  # PyTorch inference without Keras' per-layer calls
             outputs = eager_torch.run_model_chain(self, inputs, _CHAIN_TYPES)
             if outputs is not None:

@@ -318,6 +318,59 @@ def test_config_round_trip_rebuilds_the_same_graph():
 
 
 @pytest.mark.backend_agnostic
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="slices that TensorFlow runs side by side (the TensorFlow pass)")
+def test_batches_in_parts_compute_what_whole_batches_do(xla_requests):
+    """`batch_parts`: direct calls, `predict` and `evaluate` give the whole batch's outputs, and a training step
+    the same loss and weights, for batches the parts do not divide (7 in 3) and smaller than the parts (2 of
+    them in `predict`'s last batch); `predict` and `evaluate` then run without XLA."""
+    whole, parts = tiny_model(input_shape=(16, 16, 3)), tiny_model(input_shape=(16, 16, 3))
+    parts.set_weights(whole.get_weights())
+    parts.batch_parts = 3
+    rng = np.random.RandomState(0)
+    x = rng.uniform(0, 255, (7, 16, 16, 3)).astype("float32")
+    y = rng.randint(0, 10, 7)
+    close = {"rtol": 1e-5, "atol": 1e-6}
+    expected = to_numpy(whole(x, training=False))
+    np.testing.assert_allclose(to_numpy(parts(x, training=False)), expected, **close)
+    for model in (whole, parts):
+        model.compile(optimizer=keras.optimizers.SGD(0.5), metrics=["accuracy"],
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+    evaluated_whole = whole.evaluate(x, y, batch_size=5, verbose=0)
+    xla_requests.clear()
+    np.testing.assert_allclose(parts.predict(x, batch_size=5, verbose=0), expected, **close)
+    np.testing.assert_allclose(parts.evaluate(x, y, batch_size=5, verbose=0), evaluated_whole, **close)
+    assert not xla_requests, "predict and evaluate of a batch in parts are not compiled with XLA"
+    initial = whole.get_weights()
+    losses = [model.train_on_batch(x, y) for model in (whole, parts)]
+    np.testing.assert_allclose(losses[1], losses[0], **close)
+    moved = 0
+    for before, after_whole, after_parts in zip(initial, whole.get_weights(), parts.get_weights(), strict=True):
+        np.testing.assert_allclose(after_parts, after_whole, **close)
+        moved += not np.allclose(after_whole, before, rtol=0, atol=1e-4)
+    assert moved == len(initial), f"{len(initial) - moved} of {len(initial)} weights did not move in the step"
+
+
+def test_batch_parts_takes_an_integer_and_more_than_one_on_tensorflow_only():
+    """Bad values are refused with what to pass; more than 1 on JAX or PyTorch says to use TensorFlow; on
+    TensorFlow a new value makes the next `predict` rebuild its step."""
+    model = tiny_model(input_shape=(16, 16, 3))
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            model.batch_parts = bad
+    x = np.zeros((2, 16, 16, 3), "float32")
+    model.predict(x, verbose=0)
+    if BACKEND != "tensorflow":
+        with pytest.raises(ValueError, match="Use the TensorFlow backend"):
+            model.batch_parts = 2
+        assert model.batch_parts == 1 and model.predict_function is not None
+    else:
+        model.batch_parts = np.int64(2)
+        assert model.batch_parts == 2 and type(model.batch_parts) is int
+        assert model.predict_function is None
+    model.batch_parts = 1
+
+
+@pytest.mark.backend_agnostic
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="a property of Keras' TensorFlow trainer (the TensorFlow pass)")
 def test_tensorflow_fit_traces_the_training_step_once(monkeypatch):
     """Without a tf.distribute strategy, Keras' TensorFlow trainer builds the optimizer inside the first
