@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv and runs ruff and the test suite without keras-hub: the whole suite on the TensorFlow backend,
 # then the backend-dependent tests (not marked backend_agnostic) on JAX and on PyTorch. Then it installs
-# keras-hub and runs the tests marked `hub` on each backend (the three at once). Prints the 25 slowest tests.
+# keras-hub and runs the tests marked `hub` on each backend (the three at once). Prints the 25 slowest tests and
+# the test time per module.
 # Tests run in TEST_WORKERS pytest-xdist processes (default: one per core), each limited to one compute
 # thread so that they share the cores instead of fighting over them.
 # Usage: bash scripts/test.sh [extra pytest args]
@@ -84,5 +85,13 @@ for path in glob.glob(os.path.join(sys.argv[1], "*.xml")):
 for seconds, backend, name in sorted(rows, reverse=True)[:25]:
     print(f"{seconds:8.1f} s  {backend:10s}  {name}")
 print(f"{sum(r[0] for r in rows):8.1f} s  in {len(rows)} tests")
+print("== test time per module (all passes; each pass's seconds)")
+modules = {}
+for seconds, backend, name in rows:
+    per_pass = modules.setdefault(name.split("::")[0], {})
+    per_pass[backend] = per_pass.get(backend, 0.0) + seconds
+for module, per_pass in sorted(modules.items(), key=lambda item: -sum(item[1].values())):
+    passes = ", ".join(f"{backend} {seconds:.0f}" for backend, seconds in sorted(per_pass.items()))
+    print(f"{sum(per_pass.values()):8.1f} s  {module}  ({passes})")
 EOF
 exit $status

@@ -40,14 +40,78 @@ def build_optimizer_eagerly(model: keras.Model) -> None:
     second time, and creating them inside the traced graph is slow (for S,
     816 slots: about half the time to the first step, benchmarks/README.md).
     Built here they are created once. With a strategy Keras builds it itself.
+    Keras' Adam and AdamW then get one fused update op per variable
+    (`fuse_adam_updates`) unless `model.fused_adam_on_tensorflow` is False.
     """
     if (
         keras.backend.backend() == "tensorflow"
         and getattr(model, "_distribute_strategy", None) is None
         and getattr(model, "optimizer", None) is not None
-        and not model.optimizer.built
     ):
-        model.optimizer.build(model.trainable_variables)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        if getattr(model, "fused_adam_on_tensorflow", True):
+            fuse_adam_updates(model.optimizer)
+
+
+def fuse_adam_updates(optimizer) -> bool:
+    """On TensorFlow, gives Keras' `Adam` or `AdamW` one fused update op per float32 variable.
+
+    Keras' Adam update is about a dozen graph ops per variable, five of them
+    the same scalars (step, beta powers, step size) rebuilt for every
+    variable; TensorFlow traces each of them into the training step and then
+    optimises the graph. TensorFlow's own `ResourceApplyAdam` kernel applies
+    the same formula (Keras' `Adam.update_step`; AdamW's decoupled weight
+    decay is applied before it, by Keras, unchanged) in one op, and the
+    scalars are built once per traced step. For S the first training step
+    came about twice as soon at 64x64 (benchmarks/README.md, "TensorFlow: the
+    first training step with a fused Adam"). The results agree with Keras'
+    ops to float32 rounding, not bit for bit: the kernel forms `1 - beta` in
+    float32. Only exactly `keras.optimizers.Adam` / `AdamW` without `amsgrad`
+    are changed, and variables of other dtypes keep Keras' update; set
+    `model.fused_adam_on_tensorflow = False` before `fit` for Keras' ops.
+
+    Returns:
+        Whether the optimizer now uses the fused update.
+    """
+    adam = type(optimizer) in (keras.optimizers.Adam, keras.optimizers.AdamW)
+    if keras.backend.backend() != "tensorflow" or not adam or optimizer.amsgrad:
+        return False
+    if getattr(optimizer.update_step, "_fused_adam", False):
+        return True
+    import tensorflow as tf
+
+    keras_update = optimizer.update_step
+    scalars = {}  # per traced graph: the step's learning rate, beta powers and constants
+
+    def update_step(gradient, variable, learning_rate):
+        if variable.dtype != tf.float32:
+            return keras_update(gradient, variable, learning_rate)
+        graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        if scalars.get("graph") is not graph or graph is None:
+            step = tf.cast(optimizer.iterations + 1, tf.float32)
+            beta_1, beta_2 = tf.constant(optimizer.beta_1, tf.float32), tf.constant(optimizer.beta_2, tf.float32)
+            scalars.clear()
+            scalars.update(graph=graph, lr=tf.cast(learning_rate, tf.float32), beta_1=beta_1, beta_2=beta_2,
+                           beta_1_power=tf.pow(beta_1, step), beta_2_power=tf.pow(beta_2, step),
+                           epsilon=tf.constant(optimizer.epsilon, tf.float32))  # fmt: skip
+        index = optimizer._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle,
+            m=optimizer._momentums[index].value.handle,
+            v=optimizer._velocities[index].value.handle,
+            beta1_power=scalars["beta_1_power"],
+            beta2_power=scalars["beta_2_power"],
+            lr=scalars["lr"],
+            beta1=scalars["beta_1"],
+            beta2=scalars["beta_2"],
+            epsilon=scalars["epsilon"],
+            grad=tf.cast(gradient, tf.float32),
+        )
+
+    update_step._fused_adam = True
+    optimizer.update_step = update_step
+    return True
 
 
 class CompiledPredict:
@@ -66,6 +130,8 @@ class CompiledPredict:
     xla_predict_on_cpu = True
     # TensorFlow without a GPU: compile `evaluate`'s step (and `fit`'s validation) with XLA (`make_test_function`).
     xla_evaluate_on_cpu = True
+    # TensorFlow: Keras' Adam and AdamW update each variable with one fused op (`fuse_adam_updates`).
+    fused_adam_on_tensorflow = True
 
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
@@ -285,10 +351,11 @@ class SequencerInputs(CompiledPredict):
         and runs two ops at once (the demo's setting on a 2-core CPU,
         `keras_sequencer.demo.run_small_ops_side_by_side`), they keep both
         cores busy through the parts of a step that are one chain of small ops.
-        With TensorFlow's default threads there is nothing to gain. On a 2-core
-        CPU with one thread per op, the demo model's training step ran about
-        1.3x faster with 4 parts, its `evaluate` 1.4x faster than whole batches
-        with XLA (benchmarks/README.md, "Demo: batches in parts"). While k > 1,
+        On a 2-core CPU with one thread per op, the demo model's training step
+        ran 1.3x faster with 4 parts, its `evaluate` 1.6x faster than whole
+        batches with XLA; with TensorFlow's default threads the gain was smaller
+        and came and went with k (benchmarks/README.md, "Demo: batches in
+        parts"). While k > 1,
         `predict` and `evaluate` are not compiled with XLA, which would run the
         slices as one program on one thread. A new value makes the next `fit`,
         `evaluate` and `predict` rebuild their steps. JAX compiles each step as

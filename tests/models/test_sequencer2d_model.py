@@ -1,6 +1,7 @@
 """Sequencer2DModel: input checks, XLA predict and evaluate on CPU TensorFlow, saving / reloading across backends."""
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -315,6 +316,43 @@ def test_config_round_trip_rebuilds_the_same_graph():
     assert type(clone) is ks.models.Sequencer2DModel
     assert [layer.get_config() for layer in clone.layers] == [layer.get_config() for layer in model.layers]
     assert clone.count_params() == model.count_params()
+
+
+@pytest.mark.backend_agnostic
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's fused Adam kernel (the TensorFlow pass)")
+@pytest.mark.parametrize("optimizer", ["adam", "recipe"])
+def test_tensorflow_fused_adam_moves_the_weights_as_keras_adam_does(monkeypatch, optimizer):
+    """Keras' Adam, and AdamW as the recipes build it (a warmup-cosine schedule, weight decay with exclusions,
+    clipping), update each variable with TensorFlow's fused kernel, one op per variable, and over three steps
+    move the weights as Keras' own ops do (`fused_adam_on_tensorflow = False`) to float32 rounding."""
+    import tensorflow as tf
+
+    from keras_sequencer import train
+
+    fused, real = [], tf.raw_ops.ResourceApplyAdam
+    monkeypatch.setattr(tf.raw_ops, "ResourceApplyAdam", lambda **kwargs: fused.append(1) or real(**kwargs))
+    models = tiny_model(input_shape=(16, 16, 3)), tiny_model(input_shape=(16, 16, 3))
+    models[1].set_weights(models[0].get_weights())
+    models[1].fused_adam_on_tensorflow = False
+    recipe = dataclasses.replace(train.get_recipe("fashion_mnist"), clip_norm=1.0, warmup_epochs=1)
+    rng = np.random.RandomState(0)
+    x = rng.uniform(0, 255, (6, 16, 16, 3)).astype("float32")
+    y = rng.randint(0, 10, 6)
+    initial = models[0].get_weights()
+    for model in models:
+        made = keras.optimizers.Adam(0.01) if optimizer == "adam" else train.make_optimizer(recipe, 6, 2, epochs=2)
+        model.compile(optimizer=made, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        for _ in range(3):
+            model.train_on_batch(x, y)
+        if model is models[0]:
+            assert len(fused) == len(model.trainable_variables)  # one kernel per variable, traced once
+    assert len(fused) == len(models[0].trainable_variables)  # none for Keras' ops
+    # Adam moves every weight by about the learning rate, however small its gradient: where the gradient is
+    # near zero the rounding of `1 - beta` shows, at most a thousandth of the three steps' size.
+    size = 3 * float(keras.ops.convert_to_numpy(models[0].optimizer.learning_rate))
+    for before, got, expected in zip(initial, models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3 * size)
+        assert not np.allclose(expected, before, rtol=0, atol=1e-5), "every weight moves in three steps"
 
 
 @pytest.mark.backend_agnostic
