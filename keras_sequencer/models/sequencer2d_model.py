@@ -355,12 +355,11 @@ class SequencerInputs(CompiledPredict):
         ran 1.3x faster with 4 parts, its `evaluate` 1.6x faster than whole
         batches with XLA; with TensorFlow's default threads the gain was smaller
         and came and went with k (benchmarks/README.md, "Demo: batches in
-        parts"). While k > 1,
-        `predict` and `evaluate` are not compiled with XLA, which would run the
-        slices as one program on one thread. A new value makes the next `fit`,
-        `evaluate` and `predict` rebuild their steps. JAX compiles each step as
-        one XLA program and PyTorch runs ops one at a time, so on those
-        backends only 1 is accepted.
+        parts"). While k > 1, `predict` and `evaluate` are not compiled with
+        XLA, which would run the slices as one program on one thread. A new
+        value makes the next `fit`, `evaluate` and `predict` rebuild their
+        steps. JAX compiles each step as one XLA program and PyTorch runs ops
+        one at a time, so on those backends only 1 is accepted.
         """
         return self._batch_parts
 
