@@ -19,7 +19,7 @@ from keras import ops
 import numpy as np
 
 from keras_sequencer.models.backbone import KERAS_HUB_AVAILABLE, Sequencer2DBackbone
-from keras_sequencer.models.sequencer2d_model import CompiledPredict, build_optimizer_eagerly
+from keras_sequencer.models.sequencer2d_model import CompiledPredict, prepare_optimizer
 from keras_sequencer.presets import IMAGENET_EVAL
 
 if not KERAS_HUB_AVAILABLE:
@@ -245,11 +245,11 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
             self.backbone._check_input(x)
 
     def fit(self, *args, **kwargs):
-        build_optimizer_eagerly(self)  # the training step traced once on TensorFlow, as this package's models
+        prepare_optimizer(self)  # as this package's models: on TensorFlow the training step is traced once
         return super().fit(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
-        build_optimizer_eagerly(self)
+        prepare_optimizer(self)
         return super().train_on_batch(*args, **kwargs)
 
     def _batches_arrays_itself(self, step: str) -> bool:

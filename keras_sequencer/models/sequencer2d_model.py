@@ -32,26 +32,79 @@ _CHAIN_TYPES = (
 PAD_AT_MOST = 16
 
 
-def build_optimizer_eagerly(model: keras.Model) -> None:
-    """Builds a compiled model's optimizer now, eagerly, on TensorFlow when no tf.distribute strategy holds it.
+def prepare_optimizer(model: keras.Model) -> None:
+    """On TensorFlow without a tf.distribute strategy, readies a compiled model's optimizer for `fit` and
+    `train_on_batch`: it is built now, eagerly, and its updates are traced in fewer ops.
 
     Keras' TensorFlow trainer otherwise builds the optimizer inside the first
     traced train step; its variables then make TensorFlow trace the step a
     second time, and creating them inside the traced graph is slow (for S,
     816 slots: about half the time to the first step, benchmarks/README.md).
-    Built here they are created once. With a strategy Keras builds it itself.
-    Keras' Adam and AdamW then get one fused update op per variable
-    (`fuse_adam_updates`) unless `model.fused_adam_on_tensorflow` is False.
+    With a strategy Keras builds it itself. Keras' Adam and AdamW then get one
+    fused update op per variable (`fuse_adam_updates`) unless
+    `model.fused_adam_on_tensorflow` is False, and decoupled weight decay reads
+    the learning rate once per step (`decay_at_one_learning_rate`).
     """
+    optimizer = getattr(model, "optimizer", None)
     if (
         keras.backend.backend() == "tensorflow"
         and getattr(model, "_distribute_strategy", None) is None
-        and getattr(model, "optimizer", None) is not None
+        and optimizer is not None
     ):
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
         if getattr(model, "fused_adam_on_tensorflow", True):
-            fuse_adam_updates(model.optimizer)
+            fuse_adam_updates(optimizer)
+        decay_at_one_learning_rate(optimizer)
+
+
+def decay_at_one_learning_rate(optimizer) -> bool:
+    """On TensorFlow, gives Keras' decoupled weight decay (AdamW, or any optimizer's `weight_decay`) one read of
+    the learning rate per step.
+
+    Keras' TensorFlow optimizer reads `optimizer.learning_rate` once for
+    every decayed variable, so a `LearningRateSchedule` is traced into the
+    training step once per variable: for S under this package's recipes
+    (warmup and cosine), about 300 copies of the schedule for TensorFlow to
+    trace and then optimise. Read once per step and cast once per dtype, the
+    decay is the same arithmetic on the same values, `variable - variable *
+    weight_decay * learning_rate`, so the weights are Keras' to the bit; S's
+    first training step under the ImageNet recipe came ~7 s sooner
+    (benchmarks/README.md, "TensorFlow: the learning rate read once for the
+    weight decay"). Keras' PyTorch optimizers read it once already; on JAX,
+    where XLA merges the copies, the first step was no sooner, and Keras'
+    code stays, as it does for an optimizer class with a weight decay of its
+    own. Call it without a tf.distribute strategy (Keras' version updates
+    each variable through the strategy).
+
+    Returns:
+        Whether the optimizer (a LossScaleOptimizer's inner one) now decays this way.
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if keras.backend.backend() != "tensorflow":
+        return False
+    if getattr(optimizer._apply_weight_decay, "_one_learning_rate", False):
+        return True
+    if type(optimizer)._apply_weight_decay is not keras.optimizers.Optimizer._apply_weight_decay:
+        return False
+
+    def apply_weight_decay(variables):
+        if optimizer.weight_decay is None:
+            return
+        factors = {}  # per variable dtype: the learning rate and the weight decay cast to it
+        for variable in variables:
+            if optimizer._use_weight_decay(variable):
+                if variable.dtype not in factors:
+                    factors[variable.dtype] = (
+                        keras.ops.cast(optimizer.learning_rate, variable.dtype),
+                        keras.ops.cast(optimizer.weight_decay, variable.dtype),
+                    )
+                learning_rate, weight_decay = factors[variable.dtype]
+                variable.assign_sub(variable * weight_decay * learning_rate)
+
+    apply_weight_decay._one_learning_rate = True
+    optimizer._apply_weight_decay = apply_weight_decay
+    return True
 
 
 def fuse_adam_updates(optimizer) -> bool:
@@ -444,11 +497,11 @@ class SequencerInputs(CompiledPredict):
             self.check_images([None if s is None else int(s) for s in shape], batch=True)
 
     def fit(self, *args, **kwargs):
-        build_optimizer_eagerly(self)
+        prepare_optimizer(self)
         return super().fit(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
-        build_optimizer_eagerly(self)
+        prepare_optimizer(self)
         return super().train_on_batch(*args, **kwargs)
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):

@@ -356,6 +356,45 @@ def test_tensorflow_fused_adam_moves_the_weights_as_keras_adam_does(monkeypatch,
 
 
 @pytest.mark.backend_agnostic
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's traced weight decay (the TensorFlow pass)")
+def test_tensorflow_weight_decay_reads_the_learning_rate_once_and_decays_to_keras_bit(monkeypatch):
+    """The recipes' AdamW (a warmup-cosine schedule, weight decay with exclusions): in this package's
+    `train_on_batch` the schedule is traced once per step for the decay, not once per decayed variable, and
+    three steps leave the weights equal to the bit to those of Keras' own training step (a plain `keras.Model`
+    over the same layers) from the same start."""
+    from keras_sequencer import train
+
+    schedule_class = type(train.learning_rate_schedule(train.get_recipe("fashion_mnist"), 6, 2, epochs=2))
+    reads, keras_read = [0], schedule_class.__call__
+    monkeypatch.setattr(
+        schedule_class, "__call__", lambda *args: reads.__setitem__(0, reads[0] + 1) or keras_read(*args)
+    )
+    ours, other = tiny_model(input_shape=(16, 16, 3)), tiny_model(input_shape=(16, 16, 3))
+    ours.fused_adam_on_tensorflow = False  # TensorFlow's fused Adam rounds differently; the decay is checked here
+    plain = keras.Model(other.inputs, other.outputs)  # Keras' training step and optimizer as they are
+    recipe = dataclasses.replace(train.get_recipe("fashion_mnist"), warmup_epochs=1)
+    rng = np.random.RandomState(0)
+    x = rng.uniform(0, 255, (6, 16, 16, 3)).astype("float32")
+    y = rng.randint(0, 10, 6)
+    initial = ours.get_weights()
+    counts = []
+    for model in (ours, plain):
+        model.compile(optimizer=train.make_optimizer(recipe, 6, 2, epochs=2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+        reads[0] = 0
+        for _ in range(3):
+            model.train_on_batch(x, y)
+        counts.append(reads[0])
+    for before, got, expected in zip(initial, ours.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+        assert not np.array_equal(got, before)
+    decayed = [v for v in ours.trainable_variables if not any(n in v.name for n in ("bias", "gamma", "beta"))]
+    assert len(decayed) > 10
+    # Traced once here (the optimizer is built first); Keras' step is traced twice while it builds it.
+    assert counts[0] <= 2 and counts[1] >= len(decayed), (counts, len(decayed))
+
+
+@pytest.mark.backend_agnostic
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="slices that TensorFlow runs side by side (the TensorFlow pass)")
 def test_batches_in_parts_compute_what_whole_batches_do(xla_requests):
     """`batch_parts`: direct calls and `predict` give the whole batch's outputs, `evaluate` the loss and
