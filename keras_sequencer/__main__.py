@@ -144,7 +144,7 @@ def _demo(args) -> int:
     run_small_ops_side_by_side()  # a fresh process: TensorFlow's threads can still be set
     _keep_compiled_programs(args)
     metrics = run_demo(args.output, epochs=args.epochs, batch_size=args.batch_size, data_dir=args.data_dir,
-                       limit=args.limit)  # fmt: skip
+                       limit=args.limit, seed=args.seed)  # fmt: skip
     print(f"Fashion-MNIST test accuracy: {metrics['test_accuracy']:.4f} "
           f"({metrics['test_images']} images; {metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s "
           f"on {metrics['backend']}). Report: {args.output}/")  # fmt: skip
@@ -334,6 +334,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=_COUNT, default=256)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's package)")
     p.add_argument("--limit", type=_COUNT, default=None, help="use only this many images (quick check)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of weights, shuffling and augmentation")
     _add_compilation_cache_flag(p)
     p.set_defaults(run=_demo)
 

@@ -230,6 +230,7 @@ def run_demo(
         "epochs": len(log["loss"]),
         "train_seconds": round(train_seconds, 1),
         "backend": keras.backend.backend(),
+        "seed": seed,
         "batch_parts": model.batch_parts,
         "parameters": model.count_params(),
         "per_class_accuracy": {

@@ -148,6 +148,7 @@ def test_cli_exports_a_keras_file(tmp_path):
         (["predict", "cat.jpg", "--size", "10"], "argument --size: must be an integer >= 14 (the product of the"),
         (["predict", "cat.jpg", "--top", "0"], "argument --top: must be an integer >= 1"),
         (["bench", "--runs", "0"], "argument --runs: must be an integer >= 1"),
+        (["demo", "--seed", "-1"], "argument --seed: must be an integer >= 0, not '-1'"),
         (["eval-resolution", "--dataset", "fashion_mnist", "--crop-pct", "1.5"], "argument --crop-pct: must be a"),
     ],
 )
@@ -159,6 +160,21 @@ def test_numbers_out_of_range_are_one_line_errors(argv, message, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error and "Traceback" not in error, error
+
+
+def test_the_demo_command_hands_its_arguments_to_run_demo(monkeypatch, capsys):
+    """`demo`'s flags reach `run_demo` (the training itself: tests/test_train.py), `--seed` included."""
+    from keras_sequencer import demo
+    from keras_sequencer.__main__ import main
+
+    calls = []
+    metrics = {"test_accuracy": 0.5, "test_images": 8, "epochs": 1, "train_seconds": 1.0, "backend": "tensorflow"}
+    monkeypatch.setattr(demo, "run_small_ops_side_by_side", lambda: False)
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: calls.append((args, kwargs)) or metrics)
+    for argv, seed in (([], 0), (["--seed", "7"], 7)):
+        assert main(["demo", "--output", "out", "--epochs", "1", "--limit", "8", *argv]) == 0
+        assert calls.pop() == (("out",), {"epochs": 1, "batch_size": 256, "data_dir": None, "limit": 8, "seed": seed})
+    assert "Fashion-MNIST test accuracy: 0.5000 (8 images; 1 epochs" in capsys.readouterr().out
 
 
 def test_file_mistakes_are_one_line_errors_before_any_model_is_built(tmp_path, capsys):

@@ -142,7 +142,7 @@ def test_a_finished_demo_run_again_trains_nothing_and_reports_every_epoch(tmp_pa
     second = run_demo(str(tmp_path), epochs=2, limit=512, verbose=0)
     assert "all 2 epochs are already trained; nothing to do" in capsys.readouterr().out
     assert (tmp_path / "log.csv").read_text() == log
-    assert first["epochs"] == second["epochs"] == 2
+    assert first["epochs"] == second["epochs"] == 2 and first["seed"] == 0
     assert second["test_accuracy"] == first["test_accuracy"]
     assert second["per_class_accuracy"] == first["per_class_accuracy"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == second
