@@ -65,8 +65,8 @@ def decay_at_one_learning_rate(optimizer) -> bool:
     Keras' TensorFlow optimizer reads `optimizer.learning_rate` once for
     every decayed variable, so a `LearningRateSchedule` is traced into the
     training step once per variable: for S under this package's recipes
-    (warmup and cosine), about 300 copies of the schedule for TensorFlow to
-    trace and then optimise. Read once per step and cast once per dtype, the
+    (warmup and cosine), about 200 copies of the schedule (one per kernel)
+    for TensorFlow to trace and then optimise. Read once per step and cast once per dtype, the
     decay is the same arithmetic on the same values, `variable - variable *
     weight_decay * learning_rate`, so the weights are Keras' to the bit; S's
     first training step under the ImageNet recipe came ~7 s sooner

@@ -7,6 +7,7 @@ import json
 
 from conftest import (
     BACKEND,
+    ONE_BLOCK,
     TINY,
     evaluated,
     global_dtype_policy,
@@ -370,8 +371,14 @@ def test_tensorflow_weight_decay_reads_the_learning_rate_once_and_decays_to_kera
     monkeypatch.setattr(
         schedule_class, "__call__", lambda *args: reads.__setitem__(0, reads[0] + 1) or keras_read(*args)
     )
-    ours, other = tiny_model(input_shape=(16, 16, 3)), tiny_model(input_shape=(16, 16, 3))
+    ours, other = (
+        perturb_weights(
+            ks.Sequencer2D(**ONE_BLOCK, weights=None, classes=10, classifier_activation=None, input_shape=(16, 16, 3))
+        )
+        for _ in range(2)
+    )
     ours.fused_adam_on_tensorflow = False  # TensorFlow's fused Adam rounds differently; the decay is checked here
+    other.set_weights(ours.get_weights())
     plain = keras.Model(other.inputs, other.outputs)  # Keras' training step and optimizer as they are
     recipe = dataclasses.replace(train.get_recipe("fashion_mnist"), warmup_epochs=1)
     rng = np.random.RandomState(0)
@@ -390,7 +397,7 @@ def test_tensorflow_weight_decay_reads_the_learning_rate_once_and_decays_to_kera
         np.testing.assert_array_equal(got, expected)
         assert not np.array_equal(got, before)
     decayed = [v for v in ours.trainable_variables if not any(n in v.name for n in ("bias", "gamma", "beta"))]
-    assert len(decayed) > 10
+    assert len(decayed) >= 10
     # Traced once here (the optimizer is built first); Keras' step is traced twice while it builds it.
     assert counts[0] <= 2 and counts[1] >= len(decayed), (counts, len(decayed))
 
