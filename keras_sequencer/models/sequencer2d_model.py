@@ -66,16 +66,16 @@ def decay_at_one_learning_rate(optimizer) -> bool:
     every decayed variable, so a `LearningRateSchedule` is traced into the
     training step once per variable: for S under this package's recipes
     (warmup and cosine), about 200 copies of the schedule (one per kernel)
-    for TensorFlow to trace and then optimise. Read once per step and cast once per dtype, the
-    decay is the same arithmetic on the same values, `variable - variable *
-    weight_decay * learning_rate`, so the weights are Keras' to the bit; S's
-    first training step under the ImageNet recipe came ~7 s sooner
-    (benchmarks/README.md, "TensorFlow: the learning rate read once for the
-    weight decay"). Keras' PyTorch optimizers read it once already; on JAX,
-    where XLA merges the copies, the first step was no sooner, and Keras'
-    code stays, as it does for an optimizer class with a weight decay of its
-    own. Call it without a tf.distribute strategy (Keras' version updates
-    each variable through the strategy).
+    for TensorFlow to trace and then optimise. Read once per step and cast
+    once per dtype, the decay is the same arithmetic on the same values,
+    `variable - variable * weight_decay * learning_rate`, so the weights are
+    Keras' to the bit; S's first training step under the ImageNet recipe
+    came ~7 s sooner (benchmarks/README.md, "TensorFlow: the learning rate
+    read once for the weight decay"). Keras' PyTorch optimizers read it once
+    already; on JAX, where XLA merges the copies, the first step was no
+    sooner, and Keras' code stays, as it does for an optimizer class with a
+    weight decay of its own. Call it without a tf.distribute strategy
+    (Keras' version updates each variable through the strategy).
 
     Returns:
         Whether the optimizer (a LossScaleOptimizer's inner one) now decays this way.
