@@ -385,3 +385,33 @@ def test_a_tasks_training_step_is_traced_once_on_tensorflow(keras_hub, monkeypat
     classifier.fit(x, np.arange(8) % 5, epochs=2, batch_size=4, verbose=0)
     assert len(traced) == sum(isinstance(layer, BiLSTM2D) for layer in classifier._flatten_layers())
     assert classifier.optimizer.built
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="`batch_parts` > 1 is TensorFlow's (the other backends refuse it)")
+def test_a_tasks_steps_follow_its_backbones_batch_parts(keras_hub, monkeypatch, xla_requests):
+    """A new `batch_parts` on the task's backbone makes the task's next `predict`, `evaluate` and training step
+    trace again, in parts, and, as for this package's models, its `predict` and `evaluate` are then not
+    compiled with XLA (which would run the slices as one program); outputs and loss stay the whole batch's."""
+    from keras_sequencer import hub
+    from keras_sequencer.models.backbone import Sequencer2DBackbone
+
+    sliced, real = [], Sequencer2DBackbone._call_in_parts
+    monkeypatch.setattr(Sequencer2DBackbone, "_call_in_parts", lambda *a, **k: sliced.append(1) or real(*a, **k))
+    classifier = hub.Sequencer2DImageClassifier(ks.Sequencer2DBackbone(**TINY, image_shape=(32, 32, 3)), num_classes=5)
+    classifier.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.RandomState(0).uniform(-2, 2, (6, 32, 32, 3)).astype("float32")
+    y = np.arange(6) % 5
+    classifier.train_on_batch(x, y)
+    expected, loss = to_numpy(classifier.predict_on_batch(x)), classifier.test_on_batch(x, y)
+    assert xla_requests and classifier._predict_compiled and classifier._test_compiled
+    steps = (classifier.predict_function, classifier.test_function, classifier.train_function)
+
+    classifier.backbone.batch_parts = 2
+    sliced.clear(), xla_requests.clear()
+    np.testing.assert_allclose(to_numpy(classifier.predict_on_batch(x)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(classifier.test_on_batch(x, y), loss, rtol=1e-5)
+    classifier.train_on_batch(x, y)
+    rebuilt = (classifier.predict_function, classifier.test_function, classifier.train_function)
+    assert all(new is not old for new, old in zip(rebuilt, steps, strict=True))
+    assert len(sliced) == 3  # each step traced once, in parts
+    assert not xla_requests and not classifier._predict_compiled and not classifier._test_compiled

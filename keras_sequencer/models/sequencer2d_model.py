@@ -185,6 +185,8 @@ class CompiledPredict:
     xla_evaluate_on_cpu = True
     # TensorFlow: Keras' Adam and AdamW update each variable with one fused op (`fuse_adam_updates`).
     fused_adam_on_tensorflow = True
+    # The `_batch_parts_held()` each step was last built with.
+    _predict_parts = _test_parts = _train_parts = None
 
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
@@ -203,11 +205,13 @@ class CompiledPredict:
         (`compile(jit_compile=...)`); `evaluate` has its own switch
         (`make_test_function`).
         """
-        if self.predict_function is not None and not force:
+        parts = self._batch_parts_held()
+        if self.predict_function is not None and not force and self._predict_parts == parts:
             return self.predict_function
         with self._xla_on_cpu_tensorflow_if(self.xla_predict_on_cpu):
             self._predict_compiled = not self.run_eagerly and bool(self.jit_compile)
-            return super().make_predict_function(force)
+            self._predict_parts = parts
+            return super().make_predict_function(force=True)
 
     def make_test_function(self, force=False):
         """Keras' test function (`evaluate`, and the validation of `fit`); on TensorFlow without a GPU it is
@@ -221,11 +225,27 @@ class CompiledPredict:
         compile; one that XLA cannot compile (a `tf.numpy_function`, say) fails at the first call: set
         `model.xla_evaluate_on_cpu = False` and `compile` again (or `make_test_function(force=True)`).
         """
-        if self.test_function is not None and not force:
+        parts = self._batch_parts_held()
+        if self.test_function is not None and not force and self._test_parts == parts:
             return self.test_function
         with self._xla_on_cpu_tensorflow_if(self.xla_evaluate_on_cpu):
             self._test_compiled = not self.run_eagerly and bool(self.jit_compile)
-            return super().make_test_function(force)
+            self._test_parts = parts
+            return super().make_test_function(force=True)
+
+    def make_train_function(self, force=False):
+        """Keras' train function, traced again when a `batch_parts` it was traced with has changed since (a
+        keras-hub task's backbone's, which cannot reset the task's steps itself)."""
+        parts = self._batch_parts_held()
+        if self.train_function is not None and not force and self._train_parts == parts:
+            return self.train_function
+        self._train_parts = parts
+        return super().make_train_function(force=True)
+
+    def _batch_parts_held(self) -> tuple:
+        """`batch_parts` of this model and, in a keras-hub task, of its backbone: the slicing its steps trace."""
+        held = (self, getattr(self, "backbone", None))
+        return tuple(getattr(model, "batch_parts", 1) for model in held if model is not None)
 
     @contextlib.contextmanager
     def _xla_on_cpu_tensorflow_if(self, switch: bool):
@@ -251,8 +271,8 @@ class CompiledPredict:
         distributed = getattr(self, "_distribute_strategy", None) is not None
         # On TensorFlow, "a GPU backs Keras' LSTM" is "a GPU is visible" (the layer's own cached check).
         float32 = all(layer.compute_dtype == "float32" for layer in self.layers)
-        # XLA would run the slices of `batch_parts` as one program on one thread.
-        whole = getattr(self, "batch_parts", 1) == 1
+        # XLA would run the slices of `batch_parts` (a task's backbone's too) as one program on one thread.
+        whole = all(parts == 1 for parts in self._batch_parts_held())
         return not distributed and not gpu_backs_keras_lstm() and float32 and whole
 
     def _compiles_predict_per_shape(self) -> bool:
@@ -411,8 +431,9 @@ class SequencerInputs(CompiledPredict):
         parts"). While k > 1, `predict` and `evaluate` are not compiled with
         XLA, which would run the slices as one program on one thread. A new
         value makes the next `fit`, `evaluate` and `predict` rebuild their
-        steps. JAX compiles each step as one XLA program and PyTorch runs ops
-        one at a time, so on those backends only 1 is accepted.
+        steps, a keras-hub task's too when it is its backbone's. JAX
+        compiles each step as one XLA program and PyTorch runs ops one at a
+        time, so on those backends only 1 is accepted.
         """
         return self._batch_parts
 
