@@ -387,7 +387,8 @@ def test_a_tasks_training_step_is_traced_once_on_tensorflow(keras_hub, monkeypat
     assert classifier.optimizer.built
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="`batch_parts` > 1 is TensorFlow's (the other backends refuse it)")
+@pytest.mark.backend_agnostic
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="`batch_parts` > 1 is TensorFlow's (the TensorFlow pass)")
 def test_a_tasks_steps_follow_its_backbones_batch_parts(keras_hub, monkeypatch, xla_requests):
     """A new `batch_parts` on the task's backbone makes the task's next `predict`, `evaluate` and training step
     trace again, in parts, and, as for this package's models, its `predict` and `evaluate` are then not
