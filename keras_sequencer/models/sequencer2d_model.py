@@ -185,8 +185,8 @@ class CompiledPredict:
     xla_evaluate_on_cpu = True
     # TensorFlow: Keras' Adam and AdamW update each variable with one fused op (`fuse_adam_updates`).
     fused_adam_on_tensorflow = True
-    # The `_batch_parts_held()` each step was last built with.
-    _predict_parts = _test_parts = _train_parts = None
+    # What each step was last built for: its XLA switch and `_batch_parts_held()`.
+    _predict_built_for = _test_built_for = _train_built_for = None
 
     def make_predict_function(self, force=False):
         """Keras' predict function; on TensorFlow without a GPU it is compiled with XLA.
@@ -195,8 +195,7 @@ class CompiledPredict:
         inference markedly faster there, for a few seconds of compilation on
         the first call per input shape (benchmarks/README.md). `predict` and
         `predict_on_batch` use it unless `model.xla_predict_on_cpu = False`
-        (set it before the first `predict`, or rebuild with
-        `make_predict_function(force=True)`) or a `tf.distribute` strategy
+        (the next `predict` builds its step again) or a `tf.distribute` strategy
         holds the model (Keras' own rule), or the model computes in another
         dtype than float32 (e.g. under "mixed_bfloat16", which XLA on a CPU
         runs slower than TensorFlow's own kernels), or the model runs its
@@ -205,12 +204,12 @@ class CompiledPredict:
         (`compile(jit_compile=...)`); `evaluate` has its own switch
         (`make_test_function`).
         """
-        parts = self._batch_parts_held()
-        if self.predict_function is not None and not force and self._predict_parts == parts:
+        built_for = (self.xla_predict_on_cpu, self._batch_parts_held())
+        if self.predict_function is not None and not force and self._predict_built_for == built_for:
             return self.predict_function
         with self._xla_on_cpu_tensorflow_if(self.xla_predict_on_cpu):
             self._predict_compiled = not self.run_eagerly and bool(self.jit_compile)
-            self._predict_parts = parts
+            self._predict_built_for = built_for
             return super().make_predict_function(force=True)
 
     def make_test_function(self, force=False):
@@ -223,23 +222,23 @@ class CompiledPredict:
         `evaluate`"). `test_on_batch` uses the same function. Each new batch shape costs a compilation: a
         partial last batch is a second one, which within `fit` is paid once. Keras' own metrics and losses
         compile; one that XLA cannot compile (a `tf.numpy_function`, say) fails at the first call: set
-        `model.xla_evaluate_on_cpu = False` and `compile` again (or `make_test_function(force=True)`).
+        `model.xla_evaluate_on_cpu = False` (the next `evaluate` builds its step again).
         """
-        parts = self._batch_parts_held()
-        if self.test_function is not None and not force and self._test_parts == parts:
+        built_for = (self.xla_evaluate_on_cpu, self._batch_parts_held())
+        if self.test_function is not None and not force and self._test_built_for == built_for:
             return self.test_function
         with self._xla_on_cpu_tensorflow_if(self.xla_evaluate_on_cpu):
             self._test_compiled = not self.run_eagerly and bool(self.jit_compile)
-            self._test_parts = parts
+            self._test_built_for = built_for
             return super().make_test_function(force=True)
 
     def make_train_function(self, force=False):
         """Keras' train function, traced again when a `batch_parts` it was traced with has changed since (a
         keras-hub task's backbone's, which cannot reset the task's steps itself)."""
-        parts = self._batch_parts_held()
-        if self.train_function is not None and not force and self._train_parts == parts:
+        built_for = self._batch_parts_held()
+        if self.train_function is not None and not force and self._train_built_for == built_for:
             return self.train_function
-        self._train_parts = parts
+        self._train_built_for = built_for
         return super().make_train_function(force=True)
 
     def _batch_parts_held(self) -> tuple:

@@ -67,7 +67,7 @@ def test_a_rejected_predict_leaves_the_model_whole():
 
 def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(xla_requests):
     """`predict` equals a direct call; on CPU-only TensorFlow Keras is asked to XLA-compile its predict step
-    (Keras alone would not on a CPU) unless `xla_predict_on_cpu` is turned off."""
+    (Keras alone would not on a CPU) unless `xla_predict_on_cpu` is turned off, which the next call follows."""
     model = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
     x = np.random.RandomState(0).uniform(0, 255, (2, 24, 40, 3)).astype("float32")
     eager = to_numpy(model(x, training=False))
@@ -76,14 +76,13 @@ def test_predict_matches_eager_calls_and_uses_xla_on_cpu_tensorflow(xla_requests
     jit_requests.clear()  # from here on: the requests of `predict_on_batch`
     np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
     if tensorflow:
-        assert jit_requests  # predict's step function was asked to be XLA-compiled
+        assert jit_requests and model._predict_compiled  # predict's step function was asked to be XLA-compiled
         assert not model.jit_compile  # training keeps Keras' CPU default
         jit_requests.clear()
-    model.xla_predict_on_cpu = False
-    model.compile(loss="mse")  # a new predict function
+    model.xla_predict_on_cpu = False  # no `compile`, no `force`: the next call builds its step again
     np.testing.assert_allclose(to_numpy(model.predict_on_batch(x)), eager, rtol=0, atol=1e-5)
     if tensorflow:
-        assert not jit_requests
+        assert not jit_requests and not model._predict_compiled
     # Nor under a bfloat16 policy (XLA's CPU bfloat16 is slower than TensorFlow's kernels).
     with global_dtype_policy("mixed_bfloat16"):
         mixed = _tiny(input_shape=(24, 40, 3), classifier_activation=None)
@@ -144,8 +143,8 @@ def test_evaluate_equals_the_logits_and_uses_xla_on_cpu_tensorflow(monkeypatch, 
     """`evaluate` of NumPy images, labels and sample weights (a partial last batch included) gives the loss and
     accuracy computed here from the model's direct calls. On CPU-only TensorFlow its step is XLA-compiled
     (Keras alone would not) and the arrays reach Keras as one tf.data pipeline without autotuning; with
-    `xla_evaluate_on_cpu` off, or on JAX and PyTorch, Keras gets the arrays as given. `fit`'s validation
-    runs through the same step."""
+    `xla_evaluate_on_cpu` off (which the next call follows), or on JAX and PyTorch, Keras gets the arrays as
+    given. `fit`'s validation runs through the same step."""
     model = tiny_model(input_shape=(16, 16, 3))
     rng = np.random.RandomState(0)
     x = rng.uniform(0, 255, (10, 16, 16, 3)).astype("float32")
@@ -161,9 +160,9 @@ def test_evaluate_equals_the_logits_and_uses_xla_on_cpu_tensorflow(monkeypatch, 
 
     monkeypatch.setattr(keras.Model, "evaluate", recording_evaluate)
 
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), weighted_metrics=["accuracy"])
+
     def check(xla: bool, arrays_batched_here: bool):
-        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      weighted_metrics=["accuracy"])  # fmt: skip
         kinds.clear(), xla_requests.clear()
         got = model.evaluate(x, y, batch_size=4, sample_weight=weights, verbose=0, return_dict=True)
         np.testing.assert_allclose([got["loss"], got["accuracy"]], [loss, accuracy], rtol=1e-5)
@@ -173,7 +172,7 @@ def test_evaluate_equals_the_logits_and_uses_xla_on_cpu_tensorflow(monkeypatch, 
     tensorflow = BACKEND == "tensorflow"
     check(xla=tensorflow, arrays_batched_here=tensorflow)
     assert model.jit_compile == (BACKEND == "jax")  # training keeps Keras' CPU default
-    model.xla_evaluate_on_cpu = False
+    model.xla_evaluate_on_cpu = False  # no `compile`: the next `evaluate` builds its step again
     check(xla=False, arrays_batched_here=False)
     if tensorflow:  # elsewhere `xla_requests` records nothing, and training a model here would check nothing
         model.xla_evaluate_on_cpu = True
