@@ -446,9 +446,7 @@ class SequencerInputs(CompiledPredict):
                 f"{keras.backend.backend()} it would only add work. Use the TensorFlow backend "
                 f"(KERAS_BACKEND=tensorflow) or leave it at 1. Received: batch_parts={parts}"
             )
-        self._batch_parts = int(parts)
-        # Steps traced with the old value are rebuilt at their next use.
-        self.train_function = self.test_function = self.predict_function = None
+        self._batch_parts = int(parts)  # steps traced with another value are rebuilt at their next use
 
     def _call_in_parts(self, inputs, training):
         """The network on `batch_parts` consecutive slices of `inputs` (TensorFlow), outputs concatenated."""

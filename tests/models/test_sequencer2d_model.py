@@ -452,9 +452,11 @@ def test_batch_parts_takes_an_integer_and_more_than_one_on_tensorflow_only():
             model.batch_parts = 2
         assert model.batch_parts == 1 and model.predict_function is not None
     else:
+        before = model.predict_function
         model.batch_parts = np.int64(2)
         assert model.batch_parts == 2 and type(model.batch_parts) is int
-        assert model.predict_function is None
+        model.predict(x, verbose=0)
+        assert model.predict_function is not before and not model._predict_compiled
     model.batch_parts = 1
 
 
