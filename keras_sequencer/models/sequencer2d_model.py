@@ -233,8 +233,8 @@ class CompiledPredict:
             return super().make_test_function(force=True)
 
     def make_train_function(self, force=False):
-        """Keras' train function, traced again when a `batch_parts` it was traced with has changed since (a
-        keras-hub task's backbone's, which cannot reset the task's steps itself)."""
+        """Keras' train function, traced again at its next use when `batch_parts` (the model's own or, in a
+        keras-hub task, its backbone's) has changed since it was traced."""
         built_for = self._batch_parts_held()
         if self.train_function is not None and not force and self._train_built_for == built_for:
             return self.train_function
