@@ -42,7 +42,8 @@ def worker(rounds: int, batch: int, train_model: str) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             models[policy] = Sequencer2DS(weights=None)
-            demos[policy] = Sequencer2DS(weights=None) if train_model == "s" else build_demo_model()
+            # S's training step runs on the model that `predict_on_batch` times: one S per policy, not two
+            demos[policy] = models[policy] if train_model == "s" else build_demo_model()
         warned[policy] = any(issubclass(w.category, PrecisionWarning) for w in caught)
         keras.config.set_dtype_policy("float32")
         demos[policy].compile("adamw", "sparse_categorical_crossentropy")

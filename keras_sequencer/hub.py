@@ -228,11 +228,13 @@ class Sequencer2DImageClassifier(CompiledPredict, keras_hub.models.ImageClassifi
     batch shape is compiled (TensorFlow's XLA, JAX), and NumPy arrays that
     keras-hub would batch with tf.data batched without tf.data's autotuning.
 
-    Example:
+    Example (S from scratch with a 10-class head, trained on raw uint8 images of any size):
+    >>> import keras_sequencer
+    >>> from keras_sequencer import hub
     >>> backbone = keras_sequencer.Sequencer2DBackbone(**keras_sequencer.presets.variant_config("s"))
-    >>> classifier = Sequencer2DImageClassifier(
-    ...     backbone, num_classes=10, preprocessor=Sequencer2DImageClassifierPreprocessor(Sequencer2DImageConverter()))
-    >>> classifier.fit(raw_images, labels)
+    >>> preprocessor = hub.Sequencer2DImageClassifierPreprocessor(image_converter=hub.Sequencer2DImageConverter())
+    >>> classifier = hub.Sequencer2DImageClassifier(backbone, num_classes=10, preprocessor=preprocessor)
+    >>> classifier.fit(raw_images, labels)  # keras-hub compiles its tasks: Adam, cross-entropy from logits
     """
 
     backbone_cls = Sequencer2DBackbone

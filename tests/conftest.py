@@ -218,6 +218,19 @@ def xla_requests(monkeypatch) -> list:
     return requests
 
 
+def record_traced_batches(monkeypatch, model) -> list:
+    """The batch sizes `model`'s predict step is traced for from now on, in a list that fills as it is (on JAX:
+    once per compiled batch shape; on TensorFlow and PyTorch the step runs per batch)."""
+    traced, real_step = [], model.predict_step
+
+    def recording_step(*args):  # (data) or, on JAX, (state, data)
+        traced.append(keras.tree.flatten(args[-1])[0].shape[0])
+        return real_step(*args)
+
+    monkeypatch.setattr(model, "predict_step", recording_step)
+    return traced
+
+
 def evaluated(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, batch_size: int) -> tuple[float, float]:
     """What Keras' `evaluate` reports for sparse cross-entropy from logits and a weighted accuracy, in NumPy:
     the loss is each batch's mean of the weighted losses (divided by the batch's size, not by its weights),

@@ -14,6 +14,7 @@ from conftest import (
     evaluated,
     global_image_data_format,
     normalise,
+    record_traced_batches,
     run_cli,
     run_python,
     timm_logits,
@@ -141,8 +142,8 @@ def test_a_tasks_predict_is_this_packages_compiled_predict(tmp_path, keras_hub, 
     photos = np.stack([photo[:120, :160] for photo in _photos()])[np.arange(65) % len(PHOTOS)]  # raw uint8
     expected = to_numpy(classifier(classifier.preprocessor(photos), training=False))
 
-    given, autotuned, traced, jit_requests = [], [], [], xla_requests
-    hub_predict, real_step = keras_hub.models.ImageClassifier.predict, classifier.predict_step
+    given, autotuned, jit_requests = [], [], xla_requests
+    hub_predict = keras_hub.models.ImageClassifier.predict
 
     def recording_predict(self, images, *args, **kwargs):
         batched = hasattr(images, "element_spec")  # a tf.data pipeline
@@ -150,12 +151,8 @@ def test_a_tasks_predict_is_this_packages_compiled_predict(tmp_path, keras_hub, 
         autotuned.append(images.options().autotune.enabled if batched else None)
         return hub_predict(self, images, *args, **kwargs)
 
-    def recording_step(*args):  # (data) or, on JAX, (state, data): runs when JAX traces it
-        traced.append(keras.tree.flatten(args[-1])[0].shape[0])
-        return real_step(*args)
-
     monkeypatch.setattr(keras_hub.models.ImageClassifier, "predict", recording_predict)
-    monkeypatch.setattr(classifier, "predict_step", recording_step)
+    traced = record_traced_batches(monkeypatch, classifier)
 
     jit_requests.clear()  # from here on: the requests of `predict`
     got = classifier.predict(photos, batch_size=4, verbose=0)

@@ -13,6 +13,7 @@ from conftest import (
     global_dtype_policy,
     keras_calls_without_autograd,
     perturb_weights,
+    record_traced_batches,
     run_python,
     tiny_model,
     to_numpy,
@@ -100,8 +101,8 @@ def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeyp
     model = tiny_model(input_shape=(16, 16, 3))
     x = np.random.RandomState(0).uniform(0, 255, (65, 16, 16, 3)).astype("float32")
     reference = to_numpy(model(x, training=False))
-    given, traced, kinds = [], [], []
-    keras_predict, real_step = keras.Model.predict, model.predict_step
+    given, kinds = [], []
+    keras_predict = keras.Model.predict
 
     def recording_predict(self, images, *args, **kwargs):  # TensorFlow's XLA predict: batched by tf.data
         batched = hasattr(images, "element_spec")
@@ -109,12 +110,8 @@ def test_predict_fills_a_partial_last_batch_where_each_shape_is_compiled(monkeyp
         given.append(sum(len(b) for b in images) if batched else int(images.shape[0]))
         return keras_predict(self, images, *args, **kwargs)
 
-    def recording_step(*args):  # (data) or, on JAX, (state, data): runs when JAX traces it
-        traced.append(keras.tree.flatten(args[-1])[0].shape[0])
-        return real_step(*args)
-
     monkeypatch.setattr(keras.Model, "predict", recording_predict)
-    monkeypatch.setattr(model, "predict_step", recording_step)
+    traced = record_traced_batches(monkeypatch, model)
 
     def check(images, calls):
         given.clear()
