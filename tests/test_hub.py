@@ -166,8 +166,7 @@ def test_a_tasks_predict_is_this_packages_compiled_predict(tmp_path, keras_hub, 
         assert traced == [4], traced
     if BACKEND == "tensorflow":
         assert jit_requests and not classifier.jit_compile  # predict compiled; training keeps Keras' default
-        classifier.xla_predict_on_cpu = False
-        classifier.make_predict_function(force=True)
+        classifier.xla_predict_on_cpu = False  # the next `predict` builds its step again
         given.clear(), jit_requests.clear()
         np.testing.assert_allclose(classifier.predict(photos, batch_size=4, verbose=0), expected, rtol=0, atol=1e-5)
         assert given == [65] and not jit_requests
