@@ -60,7 +60,7 @@ def _tensorflow_left_unimported():
 
             lazy = module_utils.tensorflow
         except (ImportError, AttributeError):  # a Keras without the internal module: nothing to answer
-            lazy = None
+            pass
     if lazy is None or getattr(lazy, "_available", True) is not None:  # answered already, or another Keras
         yield
         return
