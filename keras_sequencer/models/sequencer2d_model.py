@@ -454,12 +454,19 @@ class SequencerInputs(CompiledPredict):
 
         parts = self._batch_parts
         size = tf.shape(inputs)[0]
-        bounds = [size * i // parts for i in range(parts + 1)]
+        # No slice may be empty: TensorFlow's oneDNN convolution (2.21, CPUs where it is on) returns an empty
+        # batch in the shape of its input instead of its output, and the next layer fails. A batch of fewer
+        # than `parts` images is padded with black ones to `parts`, whose outputs are dropped.
+        missing = tf.maximum(parts - size, 0)
+        padding = tf.zeros(tf.concat([[missing], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
+        padded = tf.concat([inputs, padding], axis=0)
+        rows = size + missing
+        bounds = [rows * i // parts for i in range(parts + 1)]
         outputs = [
-            super(SequencerInputs, self).call(inputs[start:stop], training=training)
+            super(SequencerInputs, self).call(padded[start:stop], training=training)
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
         ]
-        return keras.tree.map_structure(lambda *pieces: tf.concat(pieces, axis=0), *outputs)
+        return keras.tree.map_structure(lambda *pieces: tf.concat(pieces, axis=0)[:size], *outputs)
 
     def _init_inputs(self):
         # The smallest side every stage can still cut into patches; derived from
