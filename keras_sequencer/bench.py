@@ -18,16 +18,21 @@ what the process already holds after the first call, allocator pools
 included; Linux only, where the peak can be reset).
 
 Every speed is also set against the machine's fp32 ceiling: the rate of a
-large float32 matmul (torch, 2048², torch's default threads) divided by the model's
-matmul work (`analysis.count_macs`, LSTMs included; a training step counted
-as 3x the forward pass). No exact float32 implementation can pass 100 %.
+large float32 matmul (2048², default threads) divided by the model's matmul
+work (`analysis.count_macs`, LSTMs included; a training step counted as 3x
+the forward pass). On a CPU the matmul is timed in torch and in every
+backend benchmarked, each in its own process, and the fastest sets the
+ceiling: the engines' matmul libraries differ by machine (on an AMD Zen 5
+CPU with AVX-512, torch's reached 180 GFLOP/s, JAX's and TensorFlow's 400),
+and a ceiling below what an engine reaches would let rows pass 100 %. No
+exact float32 implementation can pass 100 %.
 
 With `dtype_policy="mixed_bfloat16"` our model runs under that Keras policy and timm under
 `torch.autocast(device, torch.bfloat16)`: same compute dtype on both sides (the ceiling stays the fp32 one,
 so bfloat16 rows can pass 100 % on CPUs with AVX512-BF16 or AMX). `"mixed_float16"` (timm: float16 autocast,
 AMP) needs a GPU.
 
-On a machine where PyTorch sees a CUDA GPU, timm and the matmul ceiling run on it, and Keras on whatever
+On a machine where PyTorch sees a CUDA GPU, timm and the matmul ceiling (torch's alone) run on it, and Keras on whatever
 device its backend picks (JAX's and PyTorch's GPU builds take the GPU; TensorFlow needs its own); each Keras
 row records whether it ran on an accelerator. timm's calls end with `torch.cuda.synchronize()`, and Keras'
 `predict_on_batch` / `train_on_batch` return host values, so every time includes the device's work. The
@@ -144,18 +149,70 @@ def _memory_rows(call, variant: str, size: int) -> list:
 
 
 def _gemm_worker(job):
-    """The machine's float32 matmul rate (FLOP/s): torch, `job["gemm_size"]`², best of 5 after a warm-up, on
-    the device timm runs on (TF32 off: PyTorch's default for matmuls)."""
-    import torch
+    """A float32 matmul rate (FLOP/s), `job["gemm_size"]`², best of 5 after a warm-up, in the engine
+    `job["engine"]`: torch on the device timm runs on (TF32 off: PyTorch's default for matmuls), or the
+    process' Keras backend on the CPU (JAX: a jitted matmul; TensorFlow: its eager `MatMul` kernel, which
+    runs synchronously on a CPU), each with its default threads."""
+    n, engine = job["gemm_size"], job.get("engine", "torch")
+    if engine == "torch":
+        import torch
 
-    device, sync = _torch_device()
-    n = job["gemm_size"]
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    sync()
-    best = min(_median_seconds(lambda: (a @ b, sync()), 1, 0) for _ in range(5))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"size": n, "flops_per_s": 2 * n**3 / best, "threads": torch.get_num_threads(), "device": name}
+        device, sync = _torch_device()
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        threads = torch.get_num_threads()
+
+        def product():
+            a @ b
+            sync()
+
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    else:
+        import keras
+        import numpy as np
+
+        if keras.backend.backend() != engine:
+            raise RuntimeError(f"the {engine} matmul needs KERAS_BACKEND={engine}; got {keras.backend.backend()}")
+        values = np.random.default_rng(0).standard_normal((2, n, n)).astype("float32")
+        threads, name = None, "cpu"
+        if engine == "jax":
+            import jax
+
+            cpu = jax.devices("cpu")[0]
+            a, b = (jax.device_put(v, cpu) for v in values)
+            multiply = jax.jit(lambda x, y: x @ y)
+
+            def product():
+                multiply(a, b).block_until_ready()
+
+        else:
+            import tensorflow as tf
+
+            with tf.device("/CPU:0"):
+                a, b = (tf.constant(v) for v in values)
+
+            def product():
+                with tf.device("/CPU:0"):
+                    tf.linalg.matmul(a, b)
+
+    product()
+    best = min(_median_seconds(product, 1, 0) for _ in range(5))
+    return {"engine": engine, "size": n, "flops_per_s": 2 * n**3 / best, "threads": threads, "device": name}
+
+
+def measure_ceiling(gemm_size: int, backends, log=print) -> dict:
+    """The fp32 ceiling: torch's matmul rate and, on a CPU, each backend's (its own process); the fastest sets
+    `flops_per_s` (`engine` names it, `rates` holds every engine's). On a GPU torch's alone, with TF32 off; the
+    backends' float32 matmuls there may use TF32 and would not be a float32 rate."""
+    gemm = _spawn("gemm", {"gemm_size": gemm_size, "engine": "torch"}, backend="torch")
+    rates = {"torch": gemm["flops_per_s"]}
+    for backend in backends if gemm["device"] == "cpu" else ():
+        if backend != "torch":
+            found = _spawn("gemm", {"gemm_size": gemm_size, "engine": backend}, backend=backend)
+            rates[backend] = found["flops_per_s"]
+    fastest = max(rates, key=rates.get)
+    measured = ", ".join(f"{engine} {rate / 1e9:.0f}" for engine, rate in rates.items())
+    log(f"  {measured} GFLOP/s: the ceiling is {fastest}'s")
+    return {**gemm, "engine": fastest, "flops_per_s": rates[fastest], "rates": rates}
 
 
 # ---------------------------------------------------------------------------- workers (one process each)
@@ -421,8 +478,8 @@ def run(
         log(f"{name}={value} (every engine's process inherits it)")
     if keep_freed_memory:
         log("glibc keeps freed memory in every engine's process (keep_freed_memory)")
-    log(f"fp32 matmul rate (torch, {gemm_size}²) ...")
-    gemm = _spawn("gemm", {"gemm_size": gemm_size}, backend="torch")
+    log(f"fp32 matmul rate ({gemm_size}², torch and each backend on a CPU) ...")
+    gemm = measure_ceiling(gemm_size, backends, log)
     on_gpu = gemm["device"] != "cpu"
     if dtype_policy == "mixed_float16" and not on_gpu:
         raise ValueError("`dtype_policy='mixed_float16'` is for GPUs and PyTorch sees none here; on a CPU compare "

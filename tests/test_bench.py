@@ -31,6 +31,7 @@ def test_bench_writes_table_json_and_png(tmp_path):
     import torch
 
     assert gemm["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    assert gemm["rates"] == {"torch": gemm["flops_per_s"]} and gemm["engine"] == "torch"  # the one engine here
     # "auto" on PyTorch runs torch.lstm for inference and training; the rows say so
     assert {r["chosen_path"] for r in rows if r["engine"] == f"keras-{BACKEND}"} == {"torch"}
     on_gpu = gemm["device"] != "cpu"  # host-RSS memory rows are skipped there
@@ -106,6 +107,15 @@ def test_bench_reports_a_failing_engine_and_keeps_the_others(tmp_path):
         if row["engine"] != "timm":
             assert row["timm_runs"] == [0]
             assert row["vs_timm"] == pytest.approx(timm[(row["task"], 0)] / row["seconds"], rel=1e-9)
+    # On a CPU the ceiling is the faster matmul of torch's and JAX's, each timed in its own process.
+    gemm = found["machine"]["fp32_gemm"]
+    assert set(gemm["rates"]) == ({"torch", "jax"} if gemm["device"] == "cpu" else {"torch"})
+    assert gemm["flops_per_s"] == max(gemm["rates"].values()) == gemm["rates"][gemm["engine"]]
+    assert f"the ceiling is {gemm['engine']}'s" in result.stdout
+    for row in found["rows"]:
+        if row["task"] == "inference":
+            flops = 2 * count_macs("s", 28)
+            assert row["of_fp32_ceiling"] == pytest.approx(row["images_per_s"] * flops / gemm["flops_per_s"], rel=1e-9)
     assert found["machine"]["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1000000000"
     assert "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1000000000 (every engine's process inherits it)" in result.stdout
     assert found["settings"]["keep_freed_memory"] is bool(keep)
