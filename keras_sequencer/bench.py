@@ -166,6 +166,17 @@ def _gemm_worker(job):
             sync()
 
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        extra = {}
+        if device.type == "cpu":
+            from keras_sequencer.layers.eager_torch import onednn_linear
+
+            if onednn_linear():  # the PyTorch backend's blocks multiply in oneDNN here: its rate counts too
+
+                def linear():
+                    torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+                linear()
+                extra["onednn_flops_per_s"] = 2 * n**3 / min(_median_seconds(linear, 1, 0) for _ in range(5))
     else:
         import keras
         import numpy as np
@@ -173,7 +184,7 @@ def _gemm_worker(job):
         if keras.backend.backend() != engine:
             raise RuntimeError(f"the {engine} matmul needs KERAS_BACKEND={engine}; got {keras.backend.backend()}")
         values = np.random.default_rng(0).standard_normal((2, n, n)).astype("float32")
-        threads, name = None, "cpu"
+        threads, name, extra = None, "cpu", {}
         if engine == "jax":
             import jax
 
@@ -196,15 +207,19 @@ def _gemm_worker(job):
 
     product()
     best = min(_median_seconds(product, 1, 0) for _ in range(5))
-    return {"engine": engine, "size": n, "flops_per_s": 2 * n**3 / best, "threads": threads, "device": name}
+    return {"engine": engine, "size": n, "flops_per_s": 2 * n**3 / best, "threads": threads, "device": name, **extra}
 
 
 def measure_ceiling(gemm_size: int, backends, log=print) -> dict:
-    """The fp32 ceiling: torch's matmul rate and, on a CPU, each backend's (its own process); the fastest sets
+    """The fp32 ceiling: torch's matmul rate and, on a CPU, each backend's (its own process) and, where the
+    PyTorch backend's blocks use it (`eager_torch.onednn_linear`), oneDNN's linear in torch; the fastest sets
     `flops_per_s` (`engine` names it, `rates` holds every engine's). On a GPU torch's alone, with TF32 off; the
     backends' float32 matmuls there may use TF32 and would not be a float32 rate."""
     gemm = _spawn("gemm", {"gemm_size": gemm_size, "engine": "torch"}, backend="torch")
     rates = {"torch": gemm["flops_per_s"]}
+    if "onednn_flops_per_s" in gemm and "torch" in backends:
+        rates["torch (oneDNN linear)"] = gemm.pop("onednn_flops_per_s")
+    gemm.pop("onednn_flops_per_s", None)
     for backend in backends if gemm["device"] == "cpu" else ():
         if backend != "torch":
             found = _spawn("gemm", {"gemm_size": gemm_size, "engine": backend}, backend=backend)

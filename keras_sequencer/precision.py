@@ -54,6 +54,25 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
+@functools.cache
+def cpu_identity() -> tuple[str, int] | None:
+    """The x86 CPU's vendor and family from /proc/cpuinfo (e.g. `("AuthenticAMD", 26)`); None where they cannot
+    be read."""
+    found = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("vendor_id", "cpu family") and key not in found:
+                    found[key] = value.strip()
+                if len(found) == 2:
+                    return found["vendor_id"], int(found["cpu family"])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def on_accelerator(backend: str) -> bool:
     """Whether the backend computes on a GPU or TPU in this process."""
     if backend == "jax":

@@ -19,7 +19,9 @@ autograd:
 
 The tests find the results equal to Keras' calls without autograd to the bit
 on a CPU (with autograd, `torch.lstm` runs another kernel: on an AVX2 CPU
-its outputs differ in the last bit).
+its outputs differ in the last bit), except where `onednn_linear` holds: there
+the blocks' float32 `Dense` matmuls run in oneDNN, whose sums round in
+another order.
 Anything else keeps Keras' calls: autograd on, `torch.autocast`, forward
 hooks, float16 policies (Keras' matmul computes float16 in float32 on a
 CPU), quantized layers, rematerialisation, activity regularizers, LoRA on a
@@ -28,11 +30,55 @@ chain of the known layers; and TensorFlow and JAX, which trace a model once.
 """
 
 import contextlib
+import functools
 import weakref
 
 import keras
 
+from keras_sequencer.precision import cpu_flags, cpu_identity
+
 _LINEAR = keras.activations.get(None)
+
+
+def onednn_pays(identity, flags) -> bool:
+    """Whether float32 linear layers run faster in oneDNN than in torch's matmul on a CPU of this `identity`
+    (vendor, family) and x86 `flags`: AMD CPUs from the Zen 5 generation on (family 26) with AVX-512. On a
+    Zen 5 CPU torch's float32 matmul (MKL) reached 177-213 GFLOP/s and oneDNN's linear 460-490 at the
+    blocks' shapes and 2048², and S's eager inference ran 1.5x faster with the blocks' `Dense` matmuls
+    in oneDNN (benchmarks/README.md, "PyTorch inference: the blocks' matmuls in oneDNN"). Elsewhere, not
+    measured or not faster, torch's matmul stays."""
+    if identity is None or flags is None:
+        return False
+    vendor, family = identity
+    return vendor == "AuthenticAMD" and family >= 26 and "avx512f" in flags
+
+
+@functools.cache  # asked on every block's call; fixed per process
+def onednn_linear() -> bool:
+    """Whether eager float32 inference runs the blocks' `Dense` matmuls through oneDNN's linear
+    (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU weight freezing uses) instead of
+    torch's matmul: on CPUs where `onednn_pays`, with a torch built with oneDNN. Same float32 math, summed
+    in another order (last-bit differences from Keras' calls)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018  (an op a torch build may lack)
+    except (AttributeError, RuntimeError):
+        return False
+    return onednn_pays(cpu_identity(), cpu_flags())
+
+
+def linear(x, kernel, bias):
+    """`x @ kernel + bias` for a `Dense` layer's float32 variables in eager inference: oneDNN's linear on a
+    CPU where `onednn_linear`, else torch's matmul with the bias added in place."""
+    import torch
+
+    if x.dtype == torch.float32 and x.device.type == "cpu" and onednn_linear():
+        # oneDNN takes the weight as (out, in): the kernel's transposed view, no copy.
+        return torch.ops.mkldnn._linear_pointwise(x, kernel.t(), bias, "none", [], "")
+    return x.matmul(kernel).add_(bias)
 
 
 # Compute dtypes whose layers may run torch's functions directly (`runs_torch_functions`).

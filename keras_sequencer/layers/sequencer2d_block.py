@@ -204,7 +204,8 @@ class Sequencer2DBlock(keras.layers.Layer):
     def _torch_inference(self, x):
         """`call(x, training=False)` in PyTorch's own functions on the variables' tensors (see
         `eager_torch`): the functions Keras' layers call, in the same order and dtypes, so the result is
-        the same (to the bit in the tests). In bfloat16 the layer norms compute in float32 with the
+        the same (to the bit in the tests; on CPUs where `eager_torch.onednn_linear`, the `Dense` matmuls
+        sum in oneDNN's order). In bfloat16 the layer norms compute in float32 with the
         float32 weights, as Keras' do, and the matmuls in bfloat16 with kept copies of the weights.
 
         Where a result is this function's own, the next elementwise op writes into it (`add_`, `gelu_`):
@@ -222,7 +223,7 @@ class Sequencer2DBlock(keras.layers.Layer):
 
         def dense(layer, x):
             kernel, bias = eager_torch.values_as(layer, ("kernel", "bias"), dtype)
-            return x.matmul(kernel).add_(bias)
+            return eager_torch.linear(x, kernel, bias)
 
         rnn = self.rnn_tokens
         with eager_torch.stored_values():  # every weight as stored; `mix` keeps the LSTM cells' casts too

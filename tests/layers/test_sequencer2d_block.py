@@ -95,6 +95,7 @@ def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
 
     from keras_sequencer.layers import eager_torch
 
+    monkeypatch.setattr(eager_torch, "onednn_linear", lambda: False)  # torch's matmul: Keras' calls' bits
     block, module = _block_and_timms()
     x = torch.from_numpy(np.random.RandomState(2).randn(2, 4, 3, 8).astype("float32"))
     original = x.clone()
@@ -133,6 +134,38 @@ def test_torch_inference_skips_the_sublayer_calls_to_the_same_bit(monkeypatch):
     block, _ = _block_and_timms()
     block.rnn_tokens.fc.quantize("int8")
     assert not runs_direct(block)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch runs eagerly; the other backends trace a block into a graph")
+def test_torch_inference_with_onednn_linears_matches_the_sublayer_calls_and_timm(monkeypatch):
+    """Where oneDNN's linear is used for the blocks' float32 `Dense` matmuls (AMD CPUs with AVX-512 from Zen 5
+    on), the block's eager output equals the sublayers' calls and timm's block within float32 rounding, every
+    `Dense` matmul of the block goes through it, and the input is untouched. The rule is checked on given CPUs."""
+    import torch
+
+    from keras_sequencer.layers import eager_torch
+
+    assert eager_torch.onednn_pays(("AuthenticAMD", 26), frozenset({"avx2", "avx512f"}))
+    assert not eager_torch.onednn_pays(("AuthenticAMD", 25), frozenset({"avx2", "avx512f"}))  # Zen 4: not measured
+    assert not eager_torch.onednn_pays(("AuthenticAMD", 26), frozenset({"avx2"}))
+    assert not eager_torch.onednn_pays(("GenuineIntel", 6), frozenset({"avx2", "avx512f"}))  # MKL's own CPUs
+    assert not eager_torch.onednn_pays(None, frozenset({"avx512f"}))
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(eager_torch, "onednn_linear", lambda: True)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or real(*args))
+    block, module = _block_and_timms()
+    x = torch.from_numpy(np.random.RandomState(2).randn(2, 5, 3, 8).astype("float32") * 2.0)
+    original = x.clone()
+    direct = _direct_calls(monkeypatch)
+    out = _without_autograd(block, x)
+    assert direct == [1] and len(calls) == 3 and torch.equal(x, original)  # the mixer's fc, fc1, fc2
+    with keras_calls_without_autograd():
+        np.testing.assert_allclose(out, block(x).numpy(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(out, module.eval()(x).numpy(), rtol=0, atol=5e-6)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.autocast is PyTorch's")
