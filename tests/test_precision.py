@@ -55,6 +55,12 @@ def test_cpu_flags_are_this_machines():
     else:
         assert flags and {"sse2", "fpu"} <= flags
         assert ("avx512_bf16" in flags) == (" avx512_bf16" in text)
+    identity = precision.cpu_identity()
+    if "\nvendor_id" not in text:
+        assert identity is None
+    else:  # the first processor's vendor and family
+        vendor, family = identity
+        assert f"vendor_id\t: {vendor}\n" in text and f"cpu family\t: {family}\n" in text
 
 
 @pytest.fixture
