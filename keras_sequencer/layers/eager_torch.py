@@ -43,10 +43,10 @@ _LINEAR = keras.activations.get(None)
 def onednn_pays(identity, flags) -> bool:
     """Whether float32 linear layers run faster in oneDNN than in torch's matmul on a CPU of this `identity`
     (vendor, family) and x86 `flags`: AMD CPUs from the Zen 5 generation on (family 26) with AVX-512. On a
-    Zen 5 CPU torch's float32 matmul (MKL) reached 177-213 GFLOP/s and oneDNN's linear 460-490 at the
-    blocks' shapes and 2048², and S's eager inference ran 1.5x faster with the blocks' `Dense` matmuls
-    in oneDNN (benchmarks/README.md, "PyTorch inference: the blocks' matmuls in oneDNN"). Elsewhere, not
-    measured or not faster, torch's matmul stays."""
+    Zen 5 CPU torch's float32 matmul (MKL) reached 196-213 GFLOP/s and oneDNN's linear 462-489 at 2048² and
+    two of the blocks' shapes (134 against 205 at the third), and S's eager inference ran 1.5x faster with
+    the blocks' `Dense` matmuls in oneDNN (benchmarks/README.md, "PyTorch inference: the blocks' matmuls in
+    oneDNN"). Elsewhere, not measured or not faster, torch's matmul stays."""
     if identity is None or flags is None:
         return False
     vendor, family = identity
@@ -71,11 +71,12 @@ def onednn_linear() -> bool:
 
 
 def linear(x, kernel, bias):
-    """`x @ kernel + bias` for a `Dense` layer's float32 variables in eager inference: oneDNN's linear on a
-    CPU where `onednn_linear`, else torch's matmul with the bias added in place."""
+    """`x @ kernel + bias` for a `Dense` layer's variables in eager inference: oneDNN's linear for float32 on a
+    CPU where `onednn_linear` and oneDNN is not switched off (`torch.backends.mkldnn.flags(enabled=False)`),
+    else torch's matmul with the bias added in place."""
     import torch
 
-    if x.dtype == torch.float32 and x.device.type == "cpu" and onednn_linear():
+    if x.dtype == torch.float32 and x.device.type == "cpu" and onednn_linear() and torch.backends.mkldnn.enabled:
         # oneDNN takes the weight as (out, in): the kernel's transposed view, no copy.
         return torch.ops.mkldnn._linear_pointwise(x, kernel.t(), bias, "none", [], "")
     return x.matmul(kernel).add_(bias)

@@ -418,7 +418,9 @@ class SequencerInputs(CompiledPredict):
         batch and concatenates the outputs. Every layer of Sequencer2D works on
         each image alone, so the outputs, losses and gradients are those of the
         whole batch; only drop path draws its random numbers per slice (a layer
-        of your own that mixes images, a batch norm say, would see slices). The
+        of your own that mixes images, a batch norm say, would see slices, and
+        a batch of fewer than k images is padded with black images to k, so
+        that no slice is empty; their outputs are dropped). The
         slices are independent graphs: where TensorFlow gives each op one thread
         and runs two ops at once (the demo's setting on a 2-core CPU,
         `keras_sequencer.demo.run_small_ops_side_by_side`), they keep both
@@ -456,17 +458,23 @@ class SequencerInputs(CompiledPredict):
         size = tf.shape(inputs)[0]
         # No slice may be empty: TensorFlow's oneDNN convolution (2.21, CPUs where it is on) returns an empty
         # batch in the shape of its input instead of its output, and the next layer fails. A batch of fewer
-        # than `parts` images is padded with black ones to `parts`, whose outputs are dropped.
-        missing = tf.maximum(parts - size, 0)
-        padding = tf.zeros(tf.concat([[missing], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
-        padded = tf.concat([inputs, padding], axis=0)
-        rows = size + missing
+        # than `parts` images is padded with black ones to `parts`, whose outputs are dropped; a batch whose
+        # static size is at least `parts` (a fixed batch size) needs no padding and gets none.
+        padded = inputs
+        if inputs.shape[0] is None or inputs.shape[0] < parts:
+            missing = tf.maximum(parts - size, 0)
+            padding = tf.zeros(tf.concat([[missing], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
+            padded = tf.concat([inputs, padding], axis=0)
+        rows = tf.maximum(size, parts)
         bounds = [rows * i // parts for i in range(parts + 1)]
         outputs = [
             super(SequencerInputs, self).call(padded[start:stop], training=training)
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
         ]
-        return keras.tree.map_structure(lambda *pieces: tf.concat(pieces, axis=0)[:size], *outputs)
+        whole = padded is inputs
+        return keras.tree.map_structure(
+            lambda *pieces: tf.concat(pieces, axis=0) if whole else tf.concat(pieces, axis=0)[:size], *outputs
+        )
 
     def _init_inputs(self):
         # The smallest side every stage can still cut into patches; derived from

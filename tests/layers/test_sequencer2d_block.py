@@ -1,5 +1,7 @@
 """Sequencer2DBlock: layer contract, gradients through both residual branches, and timm's block."""
 
+import warnings
+
 from conftest import (
     BACKEND,
     keras_calls_without_autograd,
@@ -166,6 +168,11 @@ def test_torch_inference_with_onednn_linears_matches_the_sublayer_calls_and_timm
         np.testing.assert_allclose(out, block(x).numpy(), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         np.testing.assert_allclose(out, module.eval()(x).numpy(), rtol=0, atol=5e-6)
+    calls.clear()
+    with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):  # switched off: torch's matmul
+        warnings.simplefilter("ignore")  # the flags' note on Intel GPUs' TF32
+        np.testing.assert_allclose(_without_autograd(block, x), out, rtol=1e-6, atol=1e-6)
+    assert direct == [1, 1] and not calls
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.autocast is PyTorch's")
