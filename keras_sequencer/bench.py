@@ -217,9 +217,9 @@ def measure_ceiling(gemm_size: int, backends, log=print) -> dict:
     backends' float32 matmuls there may use TF32 and would not be a float32 rate."""
     gemm = _spawn("gemm", {"gemm_size": gemm_size, "engine": "torch"}, backend="torch")
     rates = {"torch": gemm["flops_per_s"]}
-    if "onednn_flops_per_s" in gemm and "torch" in backends:
-        rates["torch (oneDNN linear)"] = gemm.pop("onednn_flops_per_s")
-    gemm.pop("onednn_flops_per_s", None)
+    onednn = gemm.pop("onednn_flops_per_s", None)
+    if onednn is not None and "torch" in backends:
+        rates["torch (oneDNN linear)"] = onednn
     for backend in backends if gemm["device"] == "cpu" else ():
         if backend != "torch":
             try:
