@@ -41,36 +41,35 @@ class PrecisionWarning(UserWarning):
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The x86 feature flags of this machine's CPU from /proc/cpuinfo; None where they cannot be read."""
+def _first_processor() -> dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo (name -> value); empty where it cannot be read."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
+                if not line.strip():  # the blank line after the first processor
+                    break
                 key, _, value = line.partition(":")
-                if key.strip() == "flags":  # x86 only (ARM names its line "Features")
-                    return frozenset(value.split())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return None
+    return fields
 
 
-@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The x86 feature flags of this machine's CPU from /proc/cpuinfo; None where they cannot be read."""
+    flags = _first_processor().get("flags")  # x86 only (ARM names its line "Features")
+    return None if flags is None else frozenset(flags.split())
+
+
 def cpu_identity() -> tuple[str, int] | None:
     """The x86 CPU's vendor and family from /proc/cpuinfo (e.g. `("AuthenticAMD", 26)`); None where they cannot
     be read."""
-    found = {}
+    fields = _first_processor()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("vendor_id", "cpu family") and key not in found:
-                    found[key] = value.strip()
-                if len(found) == 2:
-                    return found["vendor_id"], int(found["cpu family"])
-    except (OSError, ValueError):
-        pass
-    return None
+        return fields["vendor_id"], int(fields["cpu family"])
+    except (KeyError, ValueError):
+        return None
 
 
 def on_accelerator(backend: str) -> bool:
